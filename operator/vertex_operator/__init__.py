@@ -1,0 +1,2 @@
+"""vertex-passthrough operator: the control plane."""
+__version__ = "0.1.0"
