@@ -1,0 +1,454 @@
+"""The sidecar's configuration: schema, loading and validation.
+
+The file is YAML (design §3). Every key is checked: unknown keys and wrong types are
+refused with a `ConfigError` whose message names the offending field, e.g.
+``routes[1].limits.requests_per_minute: expected a positive integer, got 'ten'``.
+
+This module depends only on PyYAML and the standard library, because the operator
+imports it to render and validate the config it writes into ConfigMaps.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+CONFIG_ENV_VAR = "VERTEX_SIDECAR_CONFIG"
+CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+API_VERSIONS = ("v1", "v1beta1")
+CREDENTIAL_TYPES = ("adc", "service_account_file", "external_account_file", "impersonate", "client")
+
+CredentialType = Literal["adc", "service_account_file", "external_account_file", "impersonate", "client"]
+
+# A Google Cloud project id (6-30 chars) or a numeric project number.
+PROJECT_RE = re.compile(r"^(?:[a-z][a-z0-9-]{4,28}[a-z0-9]|[0-9]{1,20})$")
+LOCATION_TOKEN_RE = re.compile(r"^(?:global|us|eu|[a-z]+(?:-[a-z]+)+[0-9]+)$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9-]+$")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field and what is wrong."""
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Upstreams:
+    """URL templates of Google's endpoints; `{location}` is substituted.
+
+    Overridable for Private Service Connect, restricted VIPs and tests.
+    """
+
+    aiplatform: str = "https://{location}-aiplatform.googleapis.com"
+    aiplatform_global: str = "https://aiplatform.googleapis.com"
+    aiplatform_multiregion: str = "https://aiplatform.{location}.rep.googleapis.com"
+    discovery: str = "https://discoveryengine.googleapis.com"
+    discovery_multiregion: str = "https://{location}-discoveryengine.googleapis.com"
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Completes SDK "collection" paths that carry no project or location."""
+
+    project: str | None = None
+    location: str | None = None
+    api_version: str | None = None
+
+    def over(self, base: "Defaults") -> "Defaults":
+        """These defaults, falling back field by field to `base`."""
+        return Defaults(
+            project=self.project or base.project,
+            location=self.location or base.location,
+            api_version=self.api_version or base.api_version,
+        )
+
+
+@dataclass(frozen=True)
+class CredentialSpec:
+    name: str
+    type: CredentialType = "adc"
+    path: str | None = None  # key / credential-config file for the *_file types
+    source: str | None = None  # impersonate: name of the credential that signs (default: adc)
+    target_principal: str | None = None  # impersonate: the Google service account email
+    delegates: tuple[str, ...] = ()
+    lifetime_seconds: int = 3600
+    scopes: tuple[str, ...] = (CLOUD_PLATFORM_SCOPE,)
+
+
+@dataclass(frozen=True)
+class Match:
+    """Globs a request must match; `*` everywhere matches everything."""
+
+    projects: tuple[str, ...] = ("*",)
+    locations: tuple[str, ...] = ("*",)
+    models: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_body_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Upstream timeouts in seconds; `total_s` None means unbounded (long streams)."""
+
+    connect_s: float = 10.0
+    first_byte_s: float = 300.0
+    total_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    match: Match = field(default_factory=Match)
+    credential: str = "default"
+    defaults: Defaults = field(default_factory=Defaults)
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    fallback_locations: tuple[str, ...] = ()
+    quota_project: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: ListenAddress = ListenAddress("127.0.0.1", 4000)
+    admin_listen: ListenAddress = ListenAddress("0.0.0.0", 9464)
+    tls_listen: ListenAddress | None = None
+    upstreams: Upstreams = field(default_factory=Upstreams)
+    defaults: Defaults = field(default_factory=lambda: Defaults(api_version="v1"))
+    credentials: Mapping[str, CredentialSpec] = field(
+        default_factory=lambda: {"default": CredentialSpec(name="default")}
+    )
+    routes: tuple[Route, ...] = ()
+    limits: Limits = field(default_factory=lambda: Limits(max_body_bytes=32 * 1024 * 1024))
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    drain_seconds: float = 30.0
+    source: str = "<built-in defaults>"
+
+    @property
+    def allow_all(self) -> bool:
+        """No routes configured: every request is allowed with the default credential."""
+        return not self.routes
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Section:
+    """Typed, path-aware access to one mapping of the YAML document.
+
+    Remembers which keys were read so that `finish()` can refuse unknown (misspelt) keys.
+    """
+
+    def __init__(self, data: Any, path: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path or '<top level>'}: expected a mapping, got {_describe(data)}")
+        self._data: dict[str, Any] = data
+        self._path = path
+        self._seen: set[str] = set()
+
+    def where(self, key: str) -> str:
+        return f"{self._path}.{key}" if self._path else key
+
+    def raw(self, key: str) -> Any:
+        self._seen.add(key)
+        return self._data.get(key)
+
+    def has(self, key: str) -> bool:
+        return self._data.get(key) is not None
+
+    def section(self, key: str) -> "_Section":
+        return _Section(self.raw(key), self.where(key))
+
+    def string(self, key: str, default: str | None = None, pattern: re.Pattern[str] | None = None,
+               hint: str = "") -> str | None:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{self.where(key)}: expected a non-empty string, got {_describe(value)}")
+        if pattern is not None and not pattern.match(value):
+            raise ConfigError(f"{self.where(key)}: {value!r} is not valid{hint}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.string(key, default)
+        assert value is not None
+        if value not in choices:
+            raise ConfigError(f"{self.where(key)}: {value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def positive_int(self, key: str, default: int | None = None) -> int | None:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{self.where(key)}: expected a positive integer, got {_describe(value)}")
+        return value
+
+    def positive_float(self, key: str, default: float | None = None) -> float | None:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{self.where(key)}: expected a positive number of seconds, got {_describe(value)}")
+        return float(value)
+
+    def strings(self, key: str, default: tuple[str, ...] = (), pattern: re.Pattern[str] | None = None,
+                hint: str = "") -> tuple[str, ...]:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{self.where(key)}: expected a list of strings, got {_describe(value)}")
+        if pattern is not None:
+            for item in value:
+                if not pattern.match(item):
+                    raise ConfigError(f"{self.where(key)}: {item!r} is not valid{hint}")
+        return tuple(value)
+
+    def string_map(self, key: str) -> dict[str, str]:
+        value = self.raw(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k and v for k, v in value.items()
+        ):
+            raise ConfigError(f"{self.where(key)}: expected a mapping of strings to strings")
+        return dict(value)
+
+    def items(self) -> list[tuple[str, Any]]:
+        self._seen.update(self._data)
+        return list(self._data.items())
+
+    def finish(self) -> None:
+        unknown = sorted(set(self._data) - self._seen)
+        if unknown:
+            known = ", ".join(sorted(self._seen)) or "none"
+            raise ConfigError(
+                f"{self._path or '<top level>'}: unknown key(s) {', '.join(map(repr, unknown))} "
+                f"(known keys here: {known})"
+            )
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_listen(text: str, where: str) -> ListenAddress:
+    """Parse ``host:port`` / ``[v6]:port``; port 0 asks the OS for a free port."""
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", text)
+    if not match:
+        raise ConfigError(f"{where}: {text!r} is not a host:port address (e.g. 127.0.0.1:4000)")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise ConfigError(f"{where}: port {port} is out of range")
+    return ListenAddress(host, port)
+
+
+def _listen(section: _Section, key: str, default: ListenAddress | None) -> ListenAddress | None:
+    text = section.string(key)
+    return default if text is None else parse_listen(text, section.where(key))
+
+
+def _upstream_url(section: _Section, key: str, default: str) -> str:
+    value = section.string(key, default)
+    assert value is not None
+    if not re.match(r"^(https?)://[^/\s]+", value):
+        raise ConfigError(f"{section.where(key)}: {value!r} must be an http(s) URL")
+    return value.rstrip("/")
+
+
+def _upstreams(section: _Section) -> Upstreams:
+    base = Upstreams()
+    result = Upstreams(**{
+        name: _upstream_url(section, name, getattr(base, name))
+        for name in ("aiplatform", "aiplatform_global", "aiplatform_multiregion",
+                     "discovery", "discovery_multiregion")
+    })
+    section.finish()
+    return result
+
+
+def _defaults(section: _Section) -> Defaults:
+    result = Defaults(
+        project=section.string("project", pattern=PROJECT_RE, hint=" (a Google Cloud project id)"),
+        location=section.string("location", pattern=LOCATION_TOKEN_RE,
+                                hint=" (a location such as us-central1, europe-west4, global, us, eu)"),
+        api_version=section.string("api_version"),
+    )
+    if result.api_version is not None and result.api_version not in API_VERSIONS:
+        raise ConfigError(f"{section.where('api_version')}: {result.api_version!r} is not one of "
+                          f"{', '.join(API_VERSIONS)}")
+    section.finish()
+    return result
+
+
+def _credential(name: str, section: _Section) -> CredentialSpec:
+    if not NAME_RE.match(name):
+        raise ConfigError(f"credentials: name {name!r} is not valid (letters, digits, - _ .)")
+    kind = section.choice("type", CREDENTIAL_TYPES, "adc")
+    path = section.string("path")
+    if kind in ("service_account_file", "external_account_file") and not path:
+        raise ConfigError(f"{section.where('path')}: required for a credential of type {kind}")
+    if kind not in ("service_account_file", "external_account_file") and path:
+        raise ConfigError(f"{section.where('path')}: only used by service_account_file / external_account_file")
+    target = section.string("target_principal")
+    if kind == "impersonate" and not target:
+        raise ConfigError(f"{section.where('target_principal')}: required for type impersonate "
+                          "(the email of the Google service account to act as)")
+    spec = CredentialSpec(
+        name=name,
+        type=kind,  # type: ignore[arg-type]
+        path=path,
+        source=section.string("source"),
+        target_principal=target,
+        delegates=section.strings("delegates"),
+        lifetime_seconds=section.positive_int("lifetime_seconds", 3600) or 3600,
+        scopes=section.strings("scopes", (CLOUD_PLATFORM_SCOPE,)),
+    )
+    section.finish()
+    return spec
+
+
+def _credentials(section: _Section) -> dict[str, CredentialSpec]:
+    result = {name: _credential(name, _Section(value, section.where(name))) for name, value in section.items()}
+    result.setdefault("default", CredentialSpec(name="default"))
+    for spec in result.values():
+        if spec.source is not None and spec.source not in result:
+            raise ConfigError(f"credentials.{spec.name}.source: no credential named {spec.source!r}")
+        if spec.source == spec.name:
+            raise ConfigError(f"credentials.{spec.name}.source: a credential cannot be its own source")
+    return result
+
+
+def _limits(section: _Section, base: Limits) -> Limits:
+    result = Limits(
+        requests_per_minute=section.positive_int("requests_per_minute", base.requests_per_minute),
+        tokens_per_minute=section.positive_int("tokens_per_minute", base.tokens_per_minute),
+        max_body_bytes=section.positive_int("max_body_bytes", base.max_body_bytes),
+    )
+    section.finish()
+    return result
+
+
+def _timeouts(section: _Section, base: Timeouts) -> Timeouts:
+    result = Timeouts(
+        connect_s=section.positive_float("connect", base.connect_s) or base.connect_s,
+        first_byte_s=section.positive_float("first_byte", base.first_byte_s) or base.first_byte_s,
+        total_s=section.positive_float("total", base.total_s),
+    )
+    section.finish()
+    return result
+
+
+_LOCATION_HINT = " (a location such as us-central1, europe-west4, global, us, eu)"
+
+
+def _route(index: int, section: _Section, credentials: Mapping[str, CredentialSpec],
+           limits: Limits, timeouts: Timeouts) -> Route:
+    name = section.string("name", f"route-{index}", pattern=NAME_RE, hint=" (letters, digits, - _ .)")
+    assert name is not None
+    match_section = section.section("match")
+    match = Match(
+        projects=match_section.strings("projects", ("*",)),
+        locations=match_section.strings("locations", ("*",)),
+        models=match_section.strings("models", ("*",)),
+    )
+    match_section.finish()
+    credential = section.string("credential", "default")
+    assert credential is not None
+    if credential not in credentials:
+        raise ConfigError(f"{section.where('credential')}: no credential named {credential!r} "
+                          f"(defined: {', '.join(sorted(credentials))})")
+    route = Route(
+        name=name,
+        match=match,
+        credential=credential,
+        defaults=_defaults(section.section("defaults")),
+        aliases=section.string_map("aliases"),
+        fallback_locations=section.strings("fallback_locations", pattern=LOCATION_TOKEN_RE, hint=_LOCATION_HINT),
+        quota_project=section.string("quota_project", pattern=PROJECT_RE, hint=" (a Google Cloud project id)"),
+        limits=_limits(section.section("limits"), limits),
+        timeouts=_timeouts(section.section("timeouts"), timeouts),
+    )
+    section.finish()
+    return route
+
+
+def parse_config(data: Any, source: str = "<memory>") -> Config:
+    """Validate a parsed YAML document and build the `Config`; raises `ConfigError`."""
+    top = _Section(data, "")
+    credentials = _credentials(top.section("credentials"))
+    limits = _limits(top.section("limits"), Config().limits)
+    timeouts = _timeouts(top.section("timeouts"), Timeouts())
+    routes_raw = top.raw("routes") or []
+    if not isinstance(routes_raw, list):
+        raise ConfigError(f"routes: expected a list of routes, got {_describe(routes_raw)}")
+    routes = tuple(
+        _route(i, _Section(item, f"routes[{i}]"), credentials, limits, timeouts)
+        for i, item in enumerate(routes_raw)
+    )
+    names = [r.name for r in routes]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"routes: duplicate route name(s) {', '.join(duplicates)}")
+    defaults = _defaults(top.section("defaults"))
+    config = Config(
+        listen=_listen(top, "listen", Config.listen) or Config.listen,
+        admin_listen=_listen(top, "admin_listen", Config.admin_listen) or Config.admin_listen,
+        tls_listen=_listen(top, "tls_listen", None),
+        upstreams=_upstreams(top.section("upstreams")),
+        defaults=defaults.over(Defaults(api_version="v1")),
+        credentials=credentials,
+        routes=routes,
+        limits=limits,
+        timeouts=timeouts,
+        drain_seconds=top.positive_float("drain_seconds", 30.0) or 30.0,
+        source=source,
+    )
+    top.finish()
+    return config
+
+
+def parse_config_text(text: str, source: str = "<memory>") -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    return parse_config(data, source)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Load the file at `path`; None means the built-in allow-all defaults."""
+    if path is None:
+        return Config()
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the config file: {exc.strerror}") from None
+    return parse_config_text(text, str(file))
