@@ -1,0 +1,167 @@
+"""`vertex-sidecar`: load the config, open the listeners, serve until SIGTERM, drain."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any, Iterator, Sequence
+
+import uvicorn
+
+from . import __version__
+from .app import Sidecar
+from .config import CONFIG_ENV_VAR, Config, ConfigError, ListenAddress, load_config, parse_listen
+from .proxy import StreamAborted
+
+log = logging.getLogger("vertex_sidecar")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {"level": record.levelname.lower(), "logger": record.name,
+                                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, separators=(",", ":"))
+
+
+class _DropStreamAborted(logging.Filter):
+    """uvicorn logs any exception that ends an ASGI call; a broken upstream stream is already
+    logged by the proxy in one line, so its traceback is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], StreamAborted))
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("uvicorn.error").addFilter(_DropStreamAborted())
+    logging.getLogger("uvicorn.access").disabled = True
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to us: several run side by side."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind(address: ListenAddress) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address.host, address.port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _uvicorn_config(app: Any, config: Config, **extra: Any) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, interface="asgi3", http="httptools", ws="websockets-sansio", loop="none", lifespan="off", access_log=False,
+        server_header=False, date_header=False, log_config=None, proxy_headers=False,
+        timeout_graceful_shutdown=int(max(config.drain_seconds, 1)), timeout_keep_alive=75, **extra,
+    )
+
+
+async def serve(config: Config, sidecar: Sidecar | None = None) -> None:
+    sidecar = sidecar or Sidecar(config)
+    main_sock = bind(config.listen)
+    admin_sock = bind(config.admin_listen)
+    app_server = _Server(_uvicorn_config(sidecar.main_app, config))
+    admin_server = _Server(_uvicorn_config(sidecar.admin_app(), config))
+    sidecar.start()
+
+    loop = asyncio.get_running_loop()
+
+    def drain(signame: str) -> None:
+        if sidecar.state.draining:
+            app_server.force_exit = True  # a second signal: stop now
+            return
+        log.info("received %s: draining in-flight requests (up to %gs)", signame, config.drain_seconds)
+        sidecar.state.draining = True
+        app_server.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, drain, sig.name)
+
+    listening = {"event": "listening", "version": __version__, "config": config.source,
+                 "listen": _address(main_sock), "admin_listen": _address(admin_sock)}
+    print(json.dumps(listening), flush=True)
+    admin_task = asyncio.ensure_future(admin_server.serve(sockets=[admin_sock]))
+    try:
+        await app_server.serve(sockets=[main_sock])
+    finally:
+        admin_server.should_exit = True
+        await admin_task
+        await sidecar.aclose()
+        log.info("stopped")
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="vertex-sidecar",
+        description="Localhost pass-through to Google Vertex AI with injected Google credentials.",
+    )
+    parser.add_argument("--config", default=os.environ.get(CONFIG_ENV_VAR),
+                        help=f"YAML config file (default: ${CONFIG_ENV_VAR}; none = allow all with ADC)")
+    parser.add_argument("--listen", help="override `listen` (host:port; port 0 picks a free port)")
+    parser.add_argument("--admin-listen", help="override `admin_listen`")
+    parser.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    parser.add_argument("--log-level", default=os.environ.get("VERTEX_SIDECAR_LOG_LEVEL", "info"))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+        overrides: dict[str, Any] = {}
+        if args.listen:
+            overrides["listen"] = parse_listen(args.listen, "--listen")
+        if args.admin_listen:
+            overrides["admin_listen"] = parse_listen(args.admin_listen, "--admin-listen")
+        if overrides:
+            from dataclasses import replace
+            config = replace(config, **overrides)
+    except ConfigError as exc:
+        log.error("invalid configuration: %s", exc)
+        return 2
+    if args.check_config:
+        print(f"{config.source}: ok ({len(config.routes)} route(s), {len(config.credentials)} credential(s))")
+        return 0
+    try:
+        import uvloop
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        loop_factory = None
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve(config))
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The record of one proxied request, and the hooks that turn it into logs and metrics.
+
+The proxy fills a `RequestRecord` as the exchange proceeds and hands it to an
+`Observer` at three points: when it starts, when the response headers are known (the
+observer may return a usage parser to be fed every response chunk), and when it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TextIO
+
+
+class ChunkParser(Protocol):
+    def feed(self, chunk: bytes) -> None: ...
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    method: str
+    started: float  # time.perf_counter() at arrival
+    wall_time: float  # time.time() at arrival
+    service: str = "aiplatform"
+    route: str | None = None
+    project: str | None = None
+    location: str | None = None  # as requested
+    answered_location: str | None = None  # the location that answered (fallbacks may differ)
+    model: str | None = None
+    publisher: str | None = None
+    operation: str | None = None  # the path's method, e.g. generateContent
+    status: int = 0
+    upstream_status: int | None = None
+    error_reason: str | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    first_byte_s: float | None = None
+    duration_s: float | None = None
+    response_content_type: str | None = None
+    response_started: bool = False
+    tags: str | None = None
+    parser: ChunkParser | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def mark_first_byte(self) -> None:
+        if self.first_byte_s is None:
+            self.first_byte_s = time.perf_counter() - self.started
+
+    def finish(self) -> None:
+        self.duration_s = time.perf_counter() - self.started
+
+
+class Observer(Protocol):
+    def request_started(self, record: RequestRecord) -> None: ...
+
+    def response_started(self, record: RequestRecord) -> ChunkParser | None: ...
+
+    def request_finished(self, record: RequestRecord) -> None: ...
+
+
+class AccessLog:
+    """One JSON line per request on stdout (design §3). Never includes headers or bodies."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream or sys.stdout
+
+    def request_started(self, record: RequestRecord) -> None:
+        pass
+
+    def response_started(self, record: RequestRecord) -> ChunkParser | None:
+        return None
+
+    def request_finished(self, record: RequestRecord) -> None:
+        self.write(self.entry(record))
+
+    @staticmethod
+    def entry(record: RequestRecord) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.wall_time))
+                    + f".{int(record.wall_time % 1 * 1000):03d}Z",
+            "request_id": record.request_id,
+            "route": record.route,
+            "method": record.method,
+            "service": record.service,
+            "operation": record.operation,
+            "model": record.model,
+            "project": record.project,
+            "location": record.location,
+            "answered_location": record.answered_location,
+            "status": record.status,
+            "upstream_status": record.upstream_status,
+            "bytes_in": record.bytes_in,
+            "bytes_out": record.bytes_out,
+            "duration_ms": round((record.duration_s or 0.0) * 1000, 3),
+            "ttfb_ms": None if record.first_byte_s is None else round(record.first_byte_s * 1000, 3),
+        }
+        if record.error_reason:
+            entry["error"] = record.error_reason
+        if record.tags:
+            entry["tags"] = record.tags
+        entry.update(record.extra)
+        return entry
+
+    def write(self, entry: dict[str, Any]) -> None:
+        self._stream.write(json.dumps(entry, separators=(",", ":"), default=str) + "\n")
+        self._stream.flush()
+
+
+class Observers:
+    """Fan-out to several observers; the first usage parser offered wins."""
+
+    def __init__(self, *observers: Observer) -> None:
+        self._observers = list(observers)
+
+    def add(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    def request_started(self, record: RequestRecord) -> None:
+        for observer in self._observers:
+            observer.request_started(record)
+
+    def response_started(self, record: RequestRecord) -> ChunkParser | None:
+        parser = None
+        for observer in self._observers:
+            offered = observer.response_started(record)
+            parser = parser or offered
+        return parser
+
+    def request_finished(self, record: RequestRecord) -> None:
+        for observer in self._observers:
+            observer.request_finished(record)

@@ -1,0 +1,210 @@
+"""Request path → upstream target. Pure: no I/O, no configuration loading.
+
+The location segment is the only part of a request that chooses a host, so it is
+validated against a strict token grammar before any URL is built (no SSRF): anything with
+dots, slashes, percent-escapes, ports, userinfo or uppercase is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+from urllib.parse import urlsplit
+
+from .config import API_VERSIONS, Defaults, Upstreams
+
+Service = Literal["aiplatform", "discovery"]
+
+LOCATION_RE = re.compile(r"^(?:global|us|eu|[a-z]+(?:-[a-z]+)+[0-9]+)$")
+MULTI_REGIONS = ("us", "eu")
+MAX_LOCATION_LENGTH = 40
+# Project ids, numbers and legacy domain-scoped ids ("example.com:proj").
+PROJECT_SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:_-]{0,99}$")
+
+
+class RoutingError(Exception):
+    """The path cannot be routed; `message` tells the caller how to fix it."""
+
+    def __init__(self, message: str, code: int = 400, *, missing_defaults: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.missing_defaults = missing_defaults  # depends on which route's defaults were tried
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a request is sent: scheme, host, port and an optional path prefix."""
+
+    scheme: str
+    host: str
+    port: int
+    prefix: str = ""
+
+    @property
+    def host_header(self) -> str:
+        default_port = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default_port else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    service: Service
+    origin: Origin
+    path: str  # upstream path, starting with "/", percent-encoding kept as received
+    api_version: str
+    project: str | None
+    location: str | None
+    publisher: str | None
+    model: str | None  # "gemini-2.5-flash", or "endpoints/<id>" for deployed endpoints
+    method: str | None  # "generateContent", "chat/completions", ...
+    completed_from_defaults: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"{self.origin.scheme}://{self.origin.host_header}{self.origin.prefix}{self.path}"
+
+
+def is_valid_location(location: str) -> bool:
+    return len(location) <= MAX_LOCATION_LENGTH and LOCATION_RE.match(location) is not None
+
+
+def upstream_template(service: Service, location: str, upstreams: Upstreams) -> str:
+    """The URL template for a location, per the host table of design §3."""
+    if service == "discovery":
+        return upstreams.discovery if location == "global" else upstreams.discovery_multiregion
+    if location == "global":
+        return upstreams.aiplatform_global
+    if location in MULTI_REGIONS:
+        return upstreams.aiplatform_multiregion
+    return upstreams.aiplatform
+
+
+@lru_cache(maxsize=512)
+def origin_for(template: str, location: str) -> Origin:
+    """Build the origin for a validated location; cached (a handful of locations in practice)."""
+    parts = urlsplit(template.replace("{location}", location))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RoutingError(f"upstream URL template {template!r} is not an http(s) URL", code=500)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return Origin(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+
+
+def resolve(path: str, *, service: Service, defaults: Defaults, upstreams: Upstreams) -> Target:
+    """Map the part of the request path after ``/vertex_ai/`` (or ``/vertex_ai/discovery/``).
+
+    Accepted shapes (the version may be omitted; it is then taken from defaults):
+      ``{v}/projects/{p}/locations/{l}/...``   the full resource path
+      ``{v}/projects/{p}/...``                 project-level calls without a location → global
+      ``{v}/publishers/...``, ``models/...``   SDK "collection" paths, completed from defaults
+    """
+    segments = path.split("/")
+    if any(s in ("", ".", "..") for s in segments) or "\\" in path:
+        raise RoutingError(
+            f"the path {path!r} has empty, '.' or '..' segments; send a Vertex AI resource path "
+            "such as v1/projects/PROJECT/locations/LOCATION/publishers/google/models/MODEL:generateContent"
+        )
+    api_version: str | None = None
+    if segments[0] in API_VERSIONS:
+        api_version = segments.pop(0)
+    elif segments[0].startswith("v1") and len(segments) > 1:
+        raise RoutingError(f"unknown API version {segments[0]!r}; use one of {', '.join(API_VERSIONS)}")
+    if not segments:
+        raise RoutingError("the path names no resource after the API version")
+    completed = False
+    if segments[0] == "projects":
+        project, location, rest = _split_project_path(segments)
+    else:
+        project, location, rest = _complete_collection_path(segments, defaults, service)
+        completed = True
+    api_version = api_version or defaults.api_version or "v1"
+    host_location = location or "global"
+    origin = origin_for(upstream_template(service, host_location, upstreams), host_location)
+    resource = ["projects", project] + (["locations", location] if location else []) + rest
+    publisher, model, method = describe_resource(rest)
+    return Target(
+        service=service,
+        origin=origin,
+        path=f"/{api_version}/" + "/".join(resource),
+        api_version=api_version,
+        project=project,
+        location=location,
+        publisher=publisher,
+        model=model,
+        method=method,
+        completed_from_defaults=completed,
+    )
+
+
+def _split_project_path(segments: list[str]) -> tuple[str, str | None, list[str]]:
+    if len(segments) < 2:
+        raise RoutingError("the path ends after 'projects/'; name the project: projects/PROJECT/...")
+    project = segments[1]
+    if not PROJECT_SEGMENT_RE.match(project):
+        raise RoutingError(f"{project!r} is not a valid Google Cloud project id or number")
+    rest = segments[2:]
+    if not rest or rest[0] != "locations":
+        return project, None, rest
+    if len(rest) < 2:
+        return project, None, rest  # ".../locations": list locations, served globally
+    location = rest[1]
+    if not is_valid_location(location):
+        raise RoutingError(
+            f"{_shorten(location)!r} is not a valid location; use a Google Cloud location such as "
+            "us-central1, europe-west4, global, or the multi-regions us and eu"
+        )
+    return project, location, rest[2:]
+
+
+def _complete_collection_path(segments: list[str], defaults: Defaults,
+                              service: Service) -> tuple[str, str, list[str]]:
+    missing = [name for name, value in (("project", defaults.project), ("location", defaults.location))
+               if not value]
+    if missing:
+        settings = " and ".join(f"defaults.{m}" for m in missing)
+        raise RoutingError(
+            f"the path {'/'.join(segments)!r} has no projects/PROJECT/locations/LOCATION prefix and the "
+            f"sidecar has no default to complete it: set {settings} in the sidecar config, or send the "
+            "full resource path (with google-genai: pass project= and location= to genai.Client)",
+            missing_defaults=True,
+        )
+    if service == "aiplatform" and segments[0] not in ("publishers", "models", "endpoints", "cachedContents",
+                                                        "tuningJobs", "batchPredictionJobs", "operations",
+                                                        "ragCorpora", "reasoningEngines", "datasets"):
+        raise RoutingError(f"{segments[0]!r} is not a Vertex AI collection; send a resource path such as "
+                           "publishers/google/models/MODEL:generateContent")
+    assert defaults.project is not None and defaults.location is not None
+    if segments[0] == "models":
+        # google-genai's collection form for Gemini models omits the publisher.
+        segments = ["publishers", "google"] + segments
+    return defaults.project, defaults.location, segments
+
+
+def describe_resource(rest: list[str]) -> tuple[str | None, str | None, str | None]:
+    """(publisher, model, method) from the resource part after the location.
+
+    ``publishers/google/models/gemini-2.5-flash:generateContent`` →
+    ("google", "gemini-2.5-flash", "generateContent"); ``endpoints/123:predict`` →
+    (None, "endpoints/123", "predict"); ``endpoints/openapi/chat/completions`` →
+    (None, None, "chat/completions") — the OpenAI-compatible endpoint names its model in the body.
+    """
+    if not rest:
+        return None, None, None
+    last_name, _, last_method = rest[-1].partition(":")
+    method = last_method or None
+    if len(rest) >= 4 and rest[0] == "publishers" and rest[2] == "models":
+        return rest[1], rest[3].partition(":")[0], method
+    if len(rest) >= 2 and rest[0] == "models":
+        return None, rest[1].partition(":")[0], method
+    if len(rest) >= 2 and rest[0] == "endpoints":
+        endpoint = rest[1].partition(":")[0]
+        if endpoint == "openapi":
+            return None, None, "/".join(rest[2:]) or method
+        return None, f"endpoints/{endpoint}", method
+    return None, None, method if last_name else None
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
