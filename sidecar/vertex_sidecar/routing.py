@@ -109,7 +109,7 @@ def resolve(path: str, *, service: Service, defaults: Defaults, upstreams: Upstr
     api_version: str | None = None
     if segments[0] in API_VERSIONS:
         api_version = segments.pop(0)
-    elif segments[0].startswith("v1") and len(segments) > 1:
+    elif re.fullmatch(r"v[0-9]+(?:(?:alpha|beta)[0-9]*)?", segments[0]) and len(segments) > 1:
         raise RoutingError(f"unknown API version {segments[0]!r}; use one of {', '.join(API_VERSIONS)}")
     if not segments:
         raise RoutingError("the path names no resource after the API version")

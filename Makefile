@@ -1,0 +1,38 @@
+# vertex-passthrough — developer entry points. Everything runs from a fresh clone with
+# only Python 3.11+ and access to PyPI.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: demo test test-sidecar test-operator bench install clean dashboards
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## make demo: local Vertex emulator + the sidecar on 127.0.0.1:4000, a real google-genai call through it
+demo: install
+	$(PY) -m demo
+
+## make test: the whole test suite (pytest exit code 5, "no tests", counts as a failure)
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure" >&2; exit 1; fi; exit $$rc
+
+test-sidecar: install
+	$(PY) -m pytest -q tests/unit tests/integration
+
+test-operator: install
+	$(PY) -m pytest -q tests/operator
+
+## make bench: direct vs through-the-sidecar, pinned to separate cores (needs wrk)
+bench: install
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info

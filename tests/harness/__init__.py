@@ -1,0 +1,1 @@
+"""Test-side helpers that start the real sidecar process."""

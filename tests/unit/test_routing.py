@@ -1,0 +1,128 @@
+"""Path → upstream target, the host table, and SSRF refusal (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vertex_sidecar.config import Defaults, Upstreams
+from vertex_sidecar.routing import RoutingError, resolve
+
+UP = Upstreams()
+DEFAULTS = Defaults(project="dflt-proj", location="europe-west4", api_version="v1")
+GEN = "publishers/google/models/gemini-2.5-flash:generateContent"
+
+
+def url_of(path: str, service: str = "aiplatform", defaults: Defaults = DEFAULTS) -> str:
+    return resolve(path, service=service, defaults=defaults, upstreams=UP).url  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("location", "host"), [
+    ("us-central1", "us-central1-aiplatform.googleapis.com"),
+    ("europe-west4", "europe-west4-aiplatform.googleapis.com"),
+    ("asia-northeast1", "asia-northeast1-aiplatform.googleapis.com"),
+    ("northamerica-northeast2", "northamerica-northeast2-aiplatform.googleapis.com"),
+    ("global", "aiplatform.googleapis.com"),
+    ("us", "aiplatform.us.rep.googleapis.com"),
+    ("eu", "aiplatform.eu.rep.googleapis.com"),
+])
+def test_host_table(location: str, host: str) -> None:
+    url = url_of(f"v1/projects/p1/locations/{location}/{GEN}")
+    assert url == f"https://{host}/v1/projects/p1/locations/{location}/{GEN}"
+
+
+@pytest.mark.parametrize(("location", "host"), [
+    ("global", "discoveryengine.googleapis.com"),
+    ("us", "us-discoveryengine.googleapis.com"),
+    ("eu", "eu-discoveryengine.googleapis.com"),
+])
+def test_discovery_hosts(location: str, host: str) -> None:
+    path = f"v1/projects/p1/locations/{location}/collections/default_collection/engines/e/servingConfigs/default_search:search"
+    assert url_of(path, "discovery") == f"https://{host}/{path}"
+
+
+@pytest.mark.parametrize("location", [
+    "evil.com", "us-central1.evil.com", "us-central1:443", "user@us-central1", "US-CENTRAL1",
+    "us-central1%2Fevil", "%75s-central1", "localhost", "127.0.0.1", "us-central", "-central1",
+    "us_central1", "us-central1#", "us-central1?x", "a" * 30 + "-b" * 10 + "1", "", "global.",
+])
+def test_location_that_is_not_a_token_is_refused(location: str) -> None:
+    with pytest.raises(RoutingError) as info:
+        url_of(f"v1/projects/p1/locations/{location}/{GEN}")
+    assert info.value.code == 400
+
+
+@pytest.mark.parametrize("path", [
+    f"v1/projects/p1/locations/us-central1/../../x/{GEN}",
+    f"v1/projects/p1/locations/us-central1/./{GEN}",
+    f"v1//projects/p1/locations/us-central1/{GEN}",
+    "v1/projects/p1\\evil/locations/us-central1/x",
+])
+def test_dot_segments_and_empty_segments_are_refused(path: str) -> None:
+    with pytest.raises(RoutingError):
+        url_of(path)
+
+
+def test_upstream_override_with_prefix_and_port() -> None:
+    up = Upstreams(aiplatform="http://127.0.0.1:8080/_upstream/{location}-aiplatform.googleapis.com")
+    target = resolve(f"v1beta1/projects/p/locations/us-east4/{GEN}", service="aiplatform", defaults=DEFAULTS,
+                     upstreams=up)
+    assert target.origin.host == "127.0.0.1" and target.origin.port == 8080
+    assert target.url == f"http://127.0.0.1:8080/_upstream/us-east4-aiplatform.googleapis.com/v1beta1/projects/p/locations/us-east4/{GEN}"
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    (GEN, f"v1/projects/dflt-proj/locations/europe-west4/{GEN}"),
+    (f"v1beta1/{GEN}", f"v1beta1/projects/dflt-proj/locations/europe-west4/{GEN}"),
+    ("models/gemini-2.5-flash:countTokens",
+     "v1/projects/dflt-proj/locations/europe-west4/publishers/google/models/gemini-2.5-flash:countTokens"),
+    ("v1/endpoints/123:predict", "v1/projects/dflt-proj/locations/europe-west4/endpoints/123:predict"),
+])
+def test_collection_paths_are_completed_from_defaults(path: str, expected: str) -> None:
+    target = resolve(path, service="aiplatform", defaults=DEFAULTS, upstreams=UP)
+    assert target.path == "/" + expected
+    assert target.completed_from_defaults
+    assert target.origin.host == "europe-west4-aiplatform.googleapis.com"
+
+
+def test_collection_path_without_defaults_says_which_setting_to_add() -> None:
+    with pytest.raises(RoutingError) as info:
+        resolve(GEN, service="aiplatform", defaults=Defaults(location="us-central1"), upstreams=UP)
+    assert "defaults.project" in info.value.message and "defaults.location" not in info.value.message
+    assert info.value.missing_defaults
+
+
+def test_unknown_api_version() -> None:
+    with pytest.raises(RoutingError, match="API version"):
+        url_of(f"v2/projects/p/locations/us-central1/{GEN}")
+
+
+def test_version_missing_uses_default_version() -> None:
+    target = resolve(f"projects/p/locations/us-central1/{GEN}", service="aiplatform",
+                     defaults=Defaults(api_version="v1beta1"), upstreams=UP)
+    assert target.path.startswith("/v1beta1/projects/p/")
+
+
+@pytest.mark.parametrize(("rest", "publisher", "model", "method"), [
+    (GEN, "google", "gemini-2.5-flash", "generateContent"),
+    ("publishers/anthropic/models/claude-sonnet-4@20250514:streamRawPredict", "anthropic",
+     "claude-sonnet-4@20250514", "streamRawPredict"),
+    ("endpoints/4567:predict", None, "endpoints/4567", "predict"),
+    ("endpoints/openapi/chat/completions", None, None, "chat/completions"),
+    ("operations/123", None, None, None),
+    ("cachedContents", None, None, None),
+])
+def test_model_and_method_are_read_from_every_shape(rest: str, publisher: str | None, model: str | None,
+                                                    method: str | None) -> None:
+    target = resolve(f"v1/projects/p/locations/us-central1/{rest}", service="aiplatform", defaults=DEFAULTS,
+                     upstreams=UP)
+    assert (target.publisher, target.model, target.method) == (publisher, model, method)
+
+
+def test_project_without_location_goes_to_the_global_host() -> None:
+    target = resolve("v1/projects/p/locations", service="aiplatform", defaults=DEFAULTS, upstreams=UP)
+    assert target.origin.host == "aiplatform.googleapis.com" and target.location is None
+
+
+def test_bad_project_segment() -> None:
+    with pytest.raises(RoutingError, match="project"):
+        url_of(f"v1/projects/p%2F..%2Fx/locations/us-central1/{GEN}")
