@@ -9,7 +9,8 @@ Public API
     - ``PricingTable.default()``: the packaged table (loaded once, via importlib.resources).
     - ``PricingTable.load(overrides=None)``: the default merged with config overrides.
     - ``table.merged(overrides)``: a new table. Per model, override fields replace the
-      default's fields (so ``{input: 1.0}`` changes just the input price); ``null`` for a
+      default's fields (so ``{input: 1.0}`` changes just the input price; a
+      ``long_context`` or ``aliases`` override replaces that whole field); ``null`` for a
       model removes it; new models are added.
     - ``table.lookup(model) -> ModelPrice | None`` and ``table.family(model) -> str | None``.
     - ``table.cost(model, usage) -> CostResult(usd, pricing)``: ``pricing`` is ``"known"``

@@ -333,9 +333,17 @@ def _model_id(model: str) -> str:
     return model.rsplit("/", 1)[-1].split("@", 1)[0].split(":", 1)[0].lower()
 
 
+def _method_name(method_segment: str) -> str:
+    """``:generateContent`` → ``generateContent``; ``endpoints/openapi/chat/completions`` →
+    ``chat/completions``."""
+    method = method_segment.lstrip(":/")
+    _, sep, rest = method.partition("openapi/")
+    return rest if sep else method
+
+
 def operation_from_method(method_segment: str, publisher: str = "", model: str = "") -> str:
     """Low-cardinality operation name for a request (table in the module docstring)."""
-    method = method_segment.lstrip(":/")
+    method = _method_name(method_segment)
     operation = _OPERATIONS.get(method)
     if operation is not None:
         return operation
@@ -823,7 +831,7 @@ def new_usage_parser(
     encoding = content_encoding.strip().lower()
     if encoding not in ("", "identity", "gzip", "x-gzip", "deflate"):
         return NullUsageParser()
-    parser = _parser_for(publisher, method.lstrip(":/"), is_openai_compat, model)
+    parser = _parser_for(publisher, _method_name(method), is_openai_compat, model)
     if encoding in ("gzip", "x-gzip", "deflate") and not isinstance(parser, NullUsageParser):
         return GzipUsageParser(parser)
     return parser

@@ -1,0 +1,300 @@
+"""Benchmark: direct-to-upstream vs through the sidecar, side by side in one run.
+
+    make bench                      # or: .venv/bin/python -m bench.run [--duration 5] [--quick]
+
+Layout (design §6): the sidecar is pinned to core 0; the load generator (wrk, or the
+Python stream clients) and the fake upstream share core 1. The upstream is
+`bench/fake_upstream.py` (a raw asyncio server, ~60k req/s on one core, so it is never
+the bottleneck); Google tokens come from the test emulators' metadata server, so the
+sidecar runs its real ADC path. Needs `wrk` (Debian package) and `taskset`.
+
+Reports: req/s at concurrency 1/16/64, p50/p99 latency and the sidecar's added latency,
+SSE time to first byte (direct vs sidecar), sidecar RSS idle / under load / during a
+1 GB download / holding 1,000 open streams. Results also go to bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+GEN_PATH = "/v1/projects/bench-proj/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent"
+SSE_PATH = ("/v1/projects/bench-proj/locations/us-central1/publishers/google/models/gemini-2.5-flash"
+            ":streamGenerateContent?alt=sse")
+REQUEST_BODY = '{"contents":[{"role":"user","parts":[{"text":"Say hello in five words."}]}]}'
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  io.write(string.format("JSON {\\"p50_us\\": %%d, \\"p99_us\\": %%d, \\"requests\\": %%d, \\"errors\\": %%d}\\n",
+    latency:percentile(50), latency:percentile(99), summary.requests,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout))
+end
+""" % REQUEST_BODY
+
+
+def pinned(core: int, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", str(core), *argv] if shutil.which("taskset") else argv
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class RssSampler:
+    """Highest RSS of a process while a block runs (sampled every 50 ms)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mb(self.pid))
+            time.sleep(0.05)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def start(argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **(env or {})}, cwd=ROOT)
+    assert proc.stdout is not None
+    first = proc.stdout.readline().strip()
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    return proc, first
+
+
+def wrk(url: str, concurrency: int, duration: float, script: Path) -> dict[str, Any]:
+    out = subprocess.run(
+        pinned(1, ["wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--latency", "-s", str(script), url]),
+        capture_output=True, text=True, check=True,
+    ).stdout
+    stats = json.loads(re.search(r"^JSON (.*)$", out, re.M).group(1))  # type: ignore[union-attr]
+    stats["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return stats
+
+
+async def _first_byte_times(host: str, port: int, path: str, count: int) -> list[float]:
+    """Time from sending a streaming request to the first byte of its first SSE frame."""
+    times = []
+    request = (f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+               f"content-length: {len(REQUEST_BODY)}\r\n\r\n{REQUEST_BODY}").encode()
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection(host, port)
+        started = time.perf_counter()
+        writer.write(request)
+        buffered = b""
+        while b"data:" not in buffered:
+            data = await reader.read(65536)
+            if not data:
+                raise RuntimeError("stream closed before the first frame")
+            buffered += data
+        times.append(time.perf_counter() - started)
+        writer.close()
+        await writer.wait_closed()
+    return times
+
+
+async def _download(host: str, port: int, path: str) -> int:
+    reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+    writer.write(f"GET {path} HTTP/1.1\r\nhost: {host}:{port}\r\nconnection: close\r\n\r\n".encode())
+    total = 0
+    while True:
+        data = await reader.read(1 << 20)
+        if not data:
+            break
+        total += len(data)
+    writer.close()
+    return total
+
+
+async def _hold_streams(host: str, port: int, path: str, count: int) -> int:
+    """Open `count` concurrent SSE streams; return how many completed with their last frame."""
+    request = (f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+               f"connection: close\r\ncontent-length: {len(REQUEST_BODY)}\r\n\r\n{REQUEST_BODY}").encode()
+
+    async def one() -> bool:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(request)
+        body = await reader.read()
+        writer.close()
+        return b"usageMetadata" in body
+
+    results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+    return sum(1 for r in results if r is True)
+
+
+def run_async(coro: Any) -> Any:
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--quick", action="store_true", help="short runs, smaller download and stream counts")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        print("wrk is needed: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    duration = 2.0 if args.quick else args.duration
+    py = sys.executable
+    tmp = Path(tempfile.mkdtemp(prefix="vertex-bench-"))
+    procs: list[subprocess.Popen[str]] = []
+    results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]}}
+    try:
+        upstream, port_line = start(pinned(1, [py, "-m", "bench.fake_upstream", "0"]))
+        procs.append(upstream)
+        upstream_port = int(port_line)
+        port_file = tmp / "emulator.port"
+        emulator, _ = start(pinned(1, [py, "-m", "tests.emulators", "--port", "0", "--port-file", str(port_file)]))
+        procs.append(emulator)
+        for _ in range(100):
+            if port_file.exists() and port_file.read_text().strip():
+                break
+            time.sleep(0.05)
+        emulator_port = int(port_file.read_text().strip())
+        config = tmp / "sidecar.yaml"
+        config.write_text(
+            "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n"
+            f"upstreams:\n  aiplatform: http://127.0.0.1:{upstream_port}\n"
+        )
+        metadata = f"127.0.0.1:{emulator_port}"
+        sidecar, listening = start(pinned(0, [py, "-m", "vertex_sidecar", "--config", str(config),
+                                              "--log-level", "warning"]),
+                                   env={"GCE_METADATA_HOST": metadata, "GCE_METADATA_IP": metadata,
+                                        "HOME": str(tmp), "CLOUDSDK_CONFIG": str(tmp / "gcloud")})
+        procs.append(sidecar)
+        info = json.loads(listening)
+        sidecar_host, sidecar_port = info["listen"].rsplit(":", 1)
+        admin = info["admin_listen"]
+        import urllib.request
+
+        for _ in range(200):
+            try:
+                if urllib.request.urlopen(f"http://{admin}/readyz", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.05)
+        direct_base = f"http://127.0.0.1:{upstream_port}"
+        sidecar_base = f"http://{sidecar_host}:{sidecar_port}/vertex_ai"
+        # Warm up (connections, first token) before measuring anything.
+        script = tmp / "post.lua"
+        script.write_text(WRK_SCRIPT)
+        wrk(sidecar_base + GEN_PATH, 16, 1.0, script)
+        time.sleep(0.5)
+        results["rss_idle_mb"] = round(rss_mb(sidecar.pid), 1)
+
+        unary: dict[str, Any] = {}
+        for concurrency in (1, 16, 64):
+            direct = wrk(direct_base + GEN_PATH, concurrency, duration, script)
+            if concurrency == 64:
+                with RssSampler(sidecar.pid) as sampler:
+                    via = wrk(sidecar_base + GEN_PATH, concurrency, duration, script)
+                results["rss_load_64_mb"] = round(sampler.peak, 1)
+            else:
+                via = wrk(sidecar_base + GEN_PATH, concurrency, duration, script)
+            unary[concurrency] = {
+                "direct_rps": round(direct["rps"]), "sidecar_rps": round(via["rps"]),
+                "direct_p50_ms": direct["p50_us"] / 1000, "sidecar_p50_ms": via["p50_us"] / 1000,
+                "direct_p99_ms": direct["p99_us"] / 1000, "sidecar_p99_ms": via["p99_us"] / 1000,
+                "added_p50_ms": round((via["p50_us"] - direct["p50_us"]) / 1000, 3),
+                "added_p99_ms": round((via["p99_us"] - direct["p99_us"]) / 1000, 3),
+                "sidecar_errors": via["errors"],
+            }
+        results["unary"] = unary
+
+        count = 50 if args.quick else 200
+        direct_ttfb = run_async(_first_byte_times("127.0.0.1", upstream_port, SSE_PATH + "&frames=2&gap_ms=5", count))
+        via_ttfb = run_async(_first_byte_times(sidecar_host, int(sidecar_port), "/vertex_ai" + SSE_PATH
+                                               + "&frames=2&gap_ms=5", count))
+        results["sse_ttfb_ms"] = {
+            "direct_p50": round(statistics.median(direct_ttfb) * 1000, 3),
+            "sidecar_p50": round(statistics.median(via_ttfb) * 1000, 3),
+            "added_p50": round((statistics.median(via_ttfb) - statistics.median(direct_ttfb)) * 1000, 3),
+        }
+
+        size = (256 if args.quick else 1024) * 1024 * 1024
+        idle_before = rss_mb(sidecar.pid)
+        with RssSampler(sidecar.pid) as sampler:
+            started = time.perf_counter()
+            received = run_async(_download(sidecar_host, int(sidecar_port), f"/vertex_ai/v1/projects/bench-proj"
+                                           f"/locations/us-central1/publishers/google/models/x:download"
+                                           f"?bytes={size}"))
+            elapsed = time.perf_counter() - started
+        results["download"] = {"bytes": received, "expected_body_bytes": size, "seconds": round(elapsed, 2),
+                               "mb_per_s": round(size / elapsed / 1e6), "rss_before_mb": round(idle_before, 1),
+                               "rss_peak_mb": round(sampler.peak, 1)}
+
+        streams = 200 if args.quick else 1000
+        with RssSampler(sidecar.pid) as sampler:
+            completed = run_async(_hold_streams(sidecar_host, int(sidecar_port), "/vertex_ai" + SSE_PATH
+                                                + "&frames=4&gap_ms=500", streams))
+        results["open_streams"] = {"opened": streams, "completed": completed, "rss_peak_mb": round(sampler.peak, 1)}
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "latest.json").write_text(json.dumps(results, indent=2))
+    print(render(results))
+    return 0
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = ["| concurrency | direct req/s | sidecar req/s | direct p50 | sidecar p50 | added p50 | added p99 |",
+             "|---|---|---|---|---|---|---|"]
+    for concurrency, row in results["unary"].items():
+        lines.append(f"| {concurrency} | {row['direct_rps']:,} | {row['sidecar_rps']:,} | {row['direct_p50_ms']:.3f} ms"
+                     f" | {row['sidecar_p50_ms']:.3f} ms | {row['added_p50_ms']:+.3f} ms | {row['added_p99_ms']:+.3f} ms |")
+    sse = results["sse_ttfb_ms"]
+    dl = results["download"]
+    streams = results["open_streams"]
+    lines += [
+        "",
+        f"SSE time to first byte (p50): direct {sse['direct_p50']} ms, sidecar {sse['sidecar_p50']} ms "
+        f"(added {sse['added_p50']:+} ms)",
+        f"Sidecar RSS: idle {results['rss_idle_mb']} MB, under load at 64 concurrent {results['rss_load_64_mb']} MB",
+        f"Download of {dl['expected_body_bytes'] / 2**30:.2f} GiB through the sidecar: {dl['mb_per_s']} MB/s, "
+        f"RSS {dl['rss_before_mb']} → peak {dl['rss_peak_mb']} MB",
+        f"Open streams: {streams['completed']}/{streams['opened']} completed, RSS peak {streams['rss_peak_mb']} MB",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
