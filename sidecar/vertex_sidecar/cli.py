@@ -130,9 +130,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def raise_open_file_limit() -> None:
+    """Each proxied stream holds two sockets; lift the soft fd limit to the hard one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):  # pragma: no cover - best effort
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
+    raise_open_file_limit()
     try:
         config = load_config(args.config)
         overrides: dict[str, Any] = {}

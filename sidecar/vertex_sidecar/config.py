@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -126,6 +127,26 @@ class Route:
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
+# Metric labels the config may add from request headers (telemetry, issue 5).
+METRIC_LABEL_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+RESERVED_METRIC_LABELS = frozenset({
+    "route", "model", "operation", "code", "reason", "credential", "result", "le", "quantile",
+    "job", "instance", "version",
+})
+# Header values that are secrets never become labels.
+SECRET_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "x-goog-api-key", "x-api-key", "api-key", "cookie", "set-cookie",
+})
+MAX_HEADER_LABELS = 4
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """`metrics:`; header_labels maps a lower-case request header to a metric label name."""
+
+    header_labels: Mapping[str, str] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Config:
     listen: ListenAddress = ListenAddress("127.0.0.1", 4000)
@@ -140,12 +161,19 @@ class Config:
     limits: Limits = field(default_factory=lambda: Limits(max_body_bytes=32 * 1024 * 1024))
     timeouts: Timeouts = field(default_factory=Timeouts)
     drain_seconds: float = 30.0
+    pricing: Mapping[str, Any] | None = None  # overrides merged over the packaged pricing table
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<built-in defaults>"
 
     @property
     def allow_all(self) -> bool:
         """No routes configured: every request is allowed with the default credential."""
         return not self.routes
+
+    @cached_property
+    def default_route(self) -> "Route":
+        """The route that serves everything when no routes are configured."""
+        return Route(name="default", limits=self.limits, timeouts=self.timeouts)
 
 
 # --------------------------------------------------------------------------- reading
@@ -399,6 +427,41 @@ def _route(index: int, section: _Section, credentials: Mapping[str, CredentialSp
     return route
 
 
+def _metrics(section: _Section) -> MetricsConfig:
+    where = section.where("header_labels")
+    raw = section.string_map("header_labels")
+    if len(raw) > MAX_HEADER_LABELS:
+        raise ConfigError(f"{where}: at most {MAX_HEADER_LABELS} header labels (each multiplies the metric series)")
+    labels: dict[str, str] = {}
+    for header, label in raw.items():
+        name = header.lower()
+        if not HEADER_NAME_RE.match(name):
+            raise ConfigError(f"{where}: {header!r} is not an HTTP header name")
+        if name in SECRET_HEADERS:
+            raise ConfigError(f"{where}: {header!r} carries credentials and can never become a metric label")
+        if not METRIC_LABEL_RE.match(label) or label.startswith(("__", "gen_ai_")) or label in RESERVED_METRIC_LABELS:
+            raise ConfigError(f"{where}.{header}: {label!r} is not a usable label name (lower-case letters, digits "
+                              "and _, not starting with __ or gen_ai_, and not one the sidecar sets itself)")
+        if label in labels.values():
+            raise ConfigError(f"{where}: label {label!r} is used twice")
+        labels[name] = label
+    section.finish()
+    return MetricsConfig(header_labels=labels)
+
+
+def _pricing(top: _Section) -> Mapping[str, Any] | None:
+    overrides = top.raw("pricing")
+    if overrides is None:
+        return None
+    from .pricing import PricingError, PricingTable  # only the sidecar needs the table itself
+
+    try:
+        PricingTable.load(overrides)  # validated now, so a bad reload keeps the old config
+    except PricingError as exc:
+        raise ConfigError(str(exc)) from None
+    return overrides
+
+
 def parse_config(data: Any, source: str = "<memory>") -> Config:
     """Validate a parsed YAML document and build the `Config`; raises `ConfigError`."""
     top = _Section(data, "")
@@ -428,6 +491,8 @@ def parse_config(data: Any, source: str = "<memory>") -> Config:
         limits=limits,
         timeouts=timeouts,
         drain_seconds=top.positive_float("drain_seconds", 30.0) or 30.0,
+        pricing=_pricing(top),
+        metrics=_metrics(top.section("metrics")),
         source=source,
     )
     top.finish()

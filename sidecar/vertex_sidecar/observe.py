@@ -42,6 +42,10 @@ class RequestRecord:
     response_content_type: str | None = None
     response_started: bool = False
     tags: str | None = None
+    # Set by the proxy for telemetry: the caller's headers (read only for the configured
+    # header labels, never logged) and the response's Content-Encoding (usage of gzip bodies).
+    request_headers: list[tuple[bytes, bytes]] | None = None
+    response_content_encoding: str | None = None
     parser: ChunkParser | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -100,13 +104,18 @@ class AccessLog:
         if record.error_reason:
             entry["error"] = record.error_reason
         if record.tags:
-            entry["tags"] = record.tags
+            entry["tags"] = split_tags(record.tags)
         entry.update(record.extra)
         return entry
 
     def write(self, entry: dict[str, Any]) -> None:
         self._stream.write(json.dumps(entry, separators=(",", ":"), default=str) + "\n")
         self._stream.flush()
+
+
+def split_tags(tags: str) -> list[str]:
+    """The `tags` request header is a comma-separated list (as LiteLLM's pass-through takes it)."""
+    return [tag for tag in (part.strip() for part in tags.split(",")) if tag][:32]
 
 
 class Observers:

@@ -15,8 +15,6 @@ from .config import Config, Match, Route
 from .errors import SidecarError
 from .routing import RoutingError, Service, Target, resolve
 
-ALLOW_ALL_ROUTE = Route(name="default")
-
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -40,7 +38,7 @@ def decide(subpath: str, service: Service, config: Config) -> Decision:
     """Resolve the path and pick the route; raises SidecarError (400 bad path, 403 no route)."""
     if config.allow_all:
         try:
-            return Decision(ALLOW_ALL_ROUTE, resolve(subpath, service=service, defaults=config.defaults,
+            return Decision(config.default_route, resolve(subpath, service=service, defaults=config.defaults,
                                                       upstreams=config.upstreams))
         except RoutingError as exc:
             raise SidecarError(exc.code, exc.message, reason="INVALID_PATH") from None

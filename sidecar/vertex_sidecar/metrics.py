@@ -1,0 +1,136 @@
+"""The sidecar's Prometheus metrics (design §3): names, labels, buckets. No request logic.
+
+Names follow the OpenTelemetry GenAI semantic conventions in Prometheus form, so
+dashboards built for other GenAI gateways carry over; the rest are `vertex_sidecar_*`.
+Everything lives in a dedicated `CollectorRegistry` (never the process-global one), so
+tests and several sidecars in one process do not share counters.
+
+Two groups:
+- `ProcessMetrics`: in-flight requests, credential refreshes, Live sessions, config
+  reloads, readiness, build info. Created once; they survive config reloads.
+- `TrafficMetrics`: per-request series. Their label names include the configured
+  header labels (`metrics.header_labels`), so a reload that changes those rebuilds this
+  group (Prometheus treats the restart of a counter as a reset, which rate() handles).
+
+Label values are bounded by the caller of these classes (`telemetry`): model names are
+normalised and capped, unknown paths collapse to one value.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Callable, Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.registry import Collector
+
+from . import __version__
+
+__all__ = [
+    "CONTENT_TYPE",
+    "DURATION_BUCKETS",
+    "TOKEN_BUCKETS",
+    "TOKEN_TYPES",
+    "TPOT_BUCKETS",
+    "TTFT_BUCKETS",
+    "ProcessMetrics",
+    "TrafficMetrics",
+    "render",
+]
+
+# Bucket boundaries advised by the OpenTelemetry GenAI conventions.
+TOKEN_BUCKETS: Final = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+DURATION_BUCKETS: Final = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+TTFT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+TPOT_BUCKETS: Final = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+LIVE_SESSION_BUCKETS: Final = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+
+# The classic text format: every Prometheus 2.x parses it (Debian's is 2.42).
+CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
+
+TOKEN_TYPES: Final = ("input", "output", "cached_input", "reasoning")
+
+# OTel attribute names, Prometheus-style.
+MODEL: Final = "gen_ai_request_model"
+OPERATION: Final = "gen_ai_operation_name"
+TOKEN_TYPE: Final = "gen_ai_token_type"
+
+
+class ProcessMetrics:
+    """Series that describe the process rather than one request; never rebuilt."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.inflight = Gauge(
+            "vertex_sidecar_inflight_requests", "HTTP requests being proxied right now.", registry=registry)
+        self.token_refresh = Counter(
+            "vertex_sidecar_token_refresh", "Google access token refreshes, by credential and result.",
+            ["credential", "result"], registry=registry)
+        self.live_sessions = Gauge(
+            "vertex_sidecar_live_sessions", "Open Live API (WebSocket) sessions.", ["route"], registry=registry)
+        self.live_sessions_started = Counter(
+            "vertex_sidecar_live_sessions_started", "Live API sessions opened.", ["route"], registry=registry)
+        self.live_session_duration = Histogram(
+            "vertex_sidecar_live_session_duration_seconds", "Duration of closed Live API sessions.", ["route"],
+            buckets=LIVE_SESSION_BUCKETS, registry=registry)
+        self.live_turns = Counter(
+            "vertex_sidecar_live_turns", "Live API turns that reported usage.", ["route", "model"], registry=registry)
+        self.config_reloads = Counter(
+            "vertex_sidecar_config_reloads", "Config file reloads, by result (success|failure).", ["result"],
+            registry=registry)
+        self.ready = Gauge(
+            "vertex_sidecar_ready", "1 when the sidecar is ready to serve (first tokens fetched), else 0.",
+            registry=registry)
+        self.build = Info("vertex_sidecar_build", "Version of the running sidecar.", registry=registry)
+        self.build.info({"version": __version__, "python": platform.python_version()})
+
+    def set_ready_probe(self, probe: Callable[[], bool]) -> None:
+        """Readiness is read at scrape time from the sidecar's state."""
+        self.ready.set_function(lambda: 1.0 if probe() else 0.0)
+
+
+class TrafficMetrics:
+    """Per-request series; `extra_labels` are the configured header labels, in order."""
+
+    def __init__(self, registry: CollectorRegistry, extra_labels: tuple[str, ...] = ()) -> None:
+        self.registry = registry
+        self.extra_labels = extra_labels
+        extra = list(extra_labels)
+        self.requests = Counter(
+            "vertex_sidecar_requests", "Proxied requests, by route, model, operation and HTTP status code.",
+            ["route", "model", "operation", "code", *extra], registry=registry)
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage", "Tokens per request, by token type (input|output|cached_input|reasoning).",
+            [TOKEN_TYPE, MODEL, OPERATION, "route", *extra], buckets=TOKEN_BUCKETS, registry=registry)
+        self.cost = Counter(
+            "vertex_sidecar_cost_usd", "Estimated cost in USD at list prices (the pricing table).",
+            ["route", "model", *extra], registry=registry)
+        self.request_duration = Histogram(
+            "gen_ai_server_request_duration_seconds", "Time from the request's arrival to the response's last byte.",
+            [MODEL, OPERATION, "route"], buckets=DURATION_BUCKETS, registry=registry)
+        self.time_to_first_token = Histogram(
+            "gen_ai_server_time_to_first_token_seconds",
+            "Time to the first response byte of successful streaming responses.",
+            [MODEL, OPERATION, "route"], buckets=TTFT_BUCKETS, registry=registry)
+        self.time_per_output_token = Histogram(
+            "gen_ai_server_time_per_output_token_seconds",
+            "Streaming time after the first byte, per output token after the first.",
+            [MODEL, OPERATION, "route"], buckets=TPOT_BUCKETS, registry=registry)
+        self.upstream_errors = Counter(
+            "vertex_sidecar_upstream_errors",
+            "Upstream failures: reason timeout|unreachable|failed|stream_broken, or status_429 / status_5xx "
+            "answered by Google.",
+            ["route", "reason"], registry=registry)
+
+    def collectors(self) -> tuple[Collector, ...]:
+        return (self.requests, self.token_usage, self.cost, self.request_duration, self.time_to_first_token,
+                self.time_per_output_token, self.upstream_errors)
+
+    def unregister(self) -> None:
+        for collector in self.collectors():
+            self.registry.unregister(collector)
+
+
+def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The exposition for the admin port's /metrics: (body, content type)."""
+    return generate_latest(registry), CONTENT_TYPE
