@@ -77,7 +77,12 @@ def _uvicorn_config(app: Any, config: Config, **extra: Any) -> uvicorn.Config:
 
 
 async def serve(config: Config, sidecar: Sidecar | None = None) -> None:
-    sidecar = sidecar or Sidecar(config)
+    if sidecar is None:  # --- telemetry wiring (issue 5) ---
+        from .telemetry import Telemetry
+        telemetry = Telemetry(config)
+        sidecar = Sidecar(config, observers=telemetry.observers(), refresh_observer=telemetry.token_refreshed)
+        sidecar.metrics_renderer = telemetry.render
+        telemetry.set_ready_probe(lambda: sidecar.state.ready)  # type: ignore[union-attr]
     main_sock = bind(config.listen)
     admin_sock = bind(config.admin_listen)
     app_server = _Server(_uvicorn_config(sidecar.main_app, config))

@@ -115,6 +115,32 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class LiveLimits:
+    """Live API (WebSocket) sessions of a route; None means unlimited."""
+
+    max_sessions: int | None = None  # concurrent sessions on the route
+    idle_timeout_s: float | None = 600.0  # no frame either way for this long → closed
+    max_duration_s: float | None = None
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """`tls:` — the certificate of the TLS listener (`tls_listen`).
+
+    Without cert_file/key_file the sidecar keeps a pod-local CA in `state_dir` (an emptyDir:
+    the root FS is read-only) and issues itself a certificate for localhost; either way it
+    writes `ca_bundle_path` (system roots + the CA) for app containers' SSL_CERT_FILE.
+    """
+
+    cert_file: str | None = None  # mounted certificate (PEM, may hold the chain)
+    key_file: str | None = None
+    ca_file: str | None = None  # the CA that issued a mounted cert, added to the bundle
+    state_dir: str | None = None  # default: $TMPDIR/vertex-sidecar-tls
+    ca_bundle_path: str | None = None  # default: <state_dir>/ca-bundle.pem
+    system_ca_file: str | None = None  # default: the system's bundle (OpenSSL default paths)
+
+
+@dataclass(frozen=True)
 class Route:
     name: str
     match: Match = field(default_factory=Match)
@@ -125,6 +151,7 @@ class Route:
     quota_project: str | None = None
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    live: LiveLimits = field(default_factory=LiveLimits)
 
 
 # Metric labels the config may add from request headers (telemetry, issue 5).
@@ -163,6 +190,8 @@ class Config:
     drain_seconds: float = 30.0
     pricing: Mapping[str, Any] | None = None  # overrides merged over the packaged pricing table
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    live: LiveLimits = field(default_factory=LiveLimits)  # base of every route's `live:`
+    tls: TlsSettings = field(default_factory=TlsSettings)
     source: str = "<built-in defaults>"
 
     @property
@@ -173,7 +202,7 @@ class Config:
     @cached_property
     def default_route(self) -> "Route":
         """The route that serves everything when no routes are configured."""
-        return Route(name="default", limits=self.limits, timeouts=self.timeouts)
+        return Route(name="default", limits=self.limits, timeouts=self.timeouts, live=self.live)
 
 
 # --------------------------------------------------------------------------- reading
@@ -393,11 +422,33 @@ def _timeouts(section: _Section, base: Timeouts) -> Timeouts:
     return result
 
 
+def _live(section: _Section, base: LiveLimits) -> LiveLimits:
+    result = LiveLimits(
+        max_sessions=section.positive_int("max_sessions", base.max_sessions),
+        idle_timeout_s=section.positive_float("idle_timeout", base.idle_timeout_s),
+        max_duration_s=section.positive_float("max_duration", base.max_duration_s),
+    )
+    section.finish()
+    return result
+
+
+def _tls(section: _Section) -> TlsSettings:
+    result = TlsSettings(**{name: section.string(name) for name in (
+        "cert_file", "key_file", "ca_file", "state_dir", "ca_bundle_path", "system_ca_file")})
+    if (result.cert_file is None) != (result.key_file is None):
+        raise ConfigError(f"{section.where('cert_file')}: cert_file and key_file go together "
+                          "(or leave both out and the sidecar issues its own from a pod-local CA)")
+    if result.ca_file is not None and result.cert_file is None:
+        raise ConfigError(f"{section.where('ca_file')}: only used with a mounted cert_file/key_file")
+    section.finish()
+    return result
+
+
 _LOCATION_HINT = " (a location such as us-central1, europe-west4, global, us, eu)"
 
 
 def _route(index: int, section: _Section, credentials: Mapping[str, CredentialSpec],
-           limits: Limits, timeouts: Timeouts) -> Route:
+           limits: Limits, timeouts: Timeouts, live: LiveLimits = LiveLimits()) -> Route:
     name = section.string("name", f"route-{index}", pattern=NAME_RE, hint=" (letters, digits, - _ .)")
     assert name is not None
     match_section = section.section("match")
@@ -422,6 +473,7 @@ def _route(index: int, section: _Section, credentials: Mapping[str, CredentialSp
         quota_project=section.string("quota_project", pattern=PROJECT_RE, hint=" (a Google Cloud project id)"),
         limits=_limits(section.section("limits"), limits),
         timeouts=_timeouts(section.section("timeouts"), timeouts),
+        live=_live(section.section("live"), live),
     )
     section.finish()
     return route
@@ -468,11 +520,12 @@ def parse_config(data: Any, source: str = "<memory>") -> Config:
     credentials = _credentials(top.section("credentials"))
     limits = _limits(top.section("limits"), Config().limits)
     timeouts = _timeouts(top.section("timeouts"), Timeouts())
+    live = _live(top.section("live"), LiveLimits())
     routes_raw = top.raw("routes") or []
     if not isinstance(routes_raw, list):
         raise ConfigError(f"routes: expected a list of routes, got {_describe(routes_raw)}")
     routes = tuple(
-        _route(i, _Section(item, f"routes[{i}]"), credentials, limits, timeouts)
+        _route(i, _Section(item, f"routes[{i}]"), credentials, limits, timeouts, live)
         for i, item in enumerate(routes_raw)
     )
     names = [r.name for r in routes]
@@ -493,6 +546,8 @@ def parse_config(data: Any, source: str = "<memory>") -> Config:
         drain_seconds=top.positive_float("drain_seconds", 30.0) or 30.0,
         pricing=_pricing(top),
         metrics=_metrics(top.section("metrics")),
+        live=live,
+        tls=_tls(top.section("tls")),
         source=source,
     )
     top.finish()

@@ -24,6 +24,7 @@ log = logging.getLogger("vertex_sidecar.credentials")
 REFRESH_AHEAD_S = 300.0  # refresh in the background this long before expiry
 MIN_VALIDITY_S = 30.0  # never hand out a token with less validity than this
 WARMUP_BACKOFF_MAX_S = 30.0
+TOKEN_WAIT_S = 5.0  # a request waits at most this long for a token before it gets a 503
 
 RefreshObserver = Callable[[str, str], None]  # (credential name, "success" | "failure")
 
@@ -101,7 +102,14 @@ class TokenSource:
             if now >= self._expires_at - REFRESH_AHEAD_S and self._refreshing is None:
                 self._start_refresh()  # in the background; the cached token is still good
             return self._token
-        return await asyncio.shield(self._start_refresh())
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._start_refresh()), TOKEN_WAIT_S)
+        except asyncio.TimeoutError:
+            reason = self.last_error or "the first token has not been obtained yet"
+            raise CredentialError(
+                f"no Google access token for credential {self.name!r} ({self.spec.type}) after "
+                f"{TOKEN_WAIT_S:g} s: {reason}"
+            ) from None
 
     def invalidate(self, token: str) -> None:
         """Forget `token` after Google refused it (401), so the next call refreshes."""
