@@ -93,7 +93,7 @@ def start(argv: list[str], env: dict[str, str] | None = None) -> tuple[subproces
 
 def wrk(url: str, concurrency: int, duration: float, script: Path) -> dict[str, Any]:
     out = subprocess.run(
-        pinned(1, ["wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--latency", "-s", str(script), url]),
+        pinned(1, ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--latency", "-s", str(script), url]),
         capture_output=True, text=True, check=True,
     ).stdout
     stats = json.loads(re.search(r"^JSON (.*)$", out, re.M).group(1))  # type: ignore[union-attr]
@@ -166,6 +166,8 @@ def main() -> int:
         print("wrk is needed: apt-get install -y wrk", file=sys.stderr)
         return 2
     duration = 2.0 if args.quick else args.duration
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {1})  # this script's own threads (log readers, clients) stay off core 0
     py = sys.executable
     tmp = Path(tempfile.mkdtemp(prefix="vertex-bench-"))
     procs: list[subprocess.Popen[str]] = []
@@ -191,6 +193,7 @@ def main() -> int:
         sidecar, listening = start(pinned(0, [py, "-m", "vertex_sidecar", "--config", str(config),
                                               "--log-level", "warning"]),
                                    env={"GCE_METADATA_HOST": metadata, "GCE_METADATA_IP": metadata,
+                                        "MALLOC_ARENA_MAX": "2",
                                         "HOME": str(tmp), "CLOUDSDK_CONFIG": str(tmp / "gcloud")})
         procs.append(sidecar)
         info = json.loads(listening)

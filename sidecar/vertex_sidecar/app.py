@@ -7,6 +7,7 @@ observers; `main_app` serves callers on localhost, `admin_app` (Starlette) serve
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -53,9 +54,15 @@ class Sidecar:
         return self.state.snapshot.config
 
     def start(self) -> None:
-        """Begin fetching the first tokens (readiness waits for them)."""
+        """Begin fetching the first tokens (readiness waits for them) and the log flusher."""
         snapshot = self.state.snapshot
         snapshot.credentials.start(snapshot.needed_credentials())
+        self._flusher = asyncio.ensure_future(self._flush_logs_periodically())
+
+    async def _flush_logs_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(AccessLog.FLUSH_INTERVAL_S)
+            self.observers.flush()
 
     def apply_config(self, config: Config) -> None:
         """Swap in a new config; unchanged credentials keep their cached tokens."""
@@ -67,6 +74,10 @@ class Sidecar:
         self.state.swap(snapshot)
 
     async def aclose(self) -> None:
+        flusher = getattr(self, "_flusher", None)
+        if flusher is not None:
+            flusher.cancel()
+        self.observers.flush()
         await self.state.snapshot.credentials.aclose()
         await self.pool.aclose()
 

@@ -66,10 +66,18 @@ class Observer(Protocol):
 
 
 class AccessLog:
-    """One JSON line per request on stdout (design §3). Never includes headers or bodies."""
+    """One JSON line per request on stdout (design §3). Never includes headers or bodies.
+
+    Lines are buffered and flushed by `flush()` — called a few times a second by the app —
+    rather than one write syscall per request, which the benchmark showed to cost about a
+    third of the sidecar's throughput when stdout is a pipe (as it is in a pod).
+    """
+
+    FLUSH_INTERVAL_S = 0.2
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream or sys.stdout
+        self._pending: list[str] = []
 
     def request_started(self, record: RequestRecord) -> None:
         pass
@@ -109,7 +117,14 @@ class AccessLog:
         return entry
 
     def write(self, entry: dict[str, Any]) -> None:
-        self._stream.write(json.dumps(entry, separators=(",", ":"), default=str) + "\n")
+        self._pending.append(json.dumps(entry, separators=(",", ":"), default=str))
+        if len(self._pending) >= 256:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self._stream.write("\n".join(self._pending) + "\n")
+            self._pending.clear()
         self._stream.flush()
 
 
@@ -141,3 +156,9 @@ class Observers:
     def request_finished(self, record: RequestRecord) -> None:
         for observer in self._observers:
             observer.request_finished(record)
+
+    def flush(self) -> None:
+        for observer in self._observers:
+            flush = getattr(observer, "flush", None)
+            if flush is not None:
+                flush()
