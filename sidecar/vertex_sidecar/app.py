@@ -17,8 +17,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route as StarletteRoute
 
 from .config import Config
-from .credentials import CredentialRegistry, RefreshObserver
+from .credentials import RefreshObserver
 from .errors import error_body
+from .live import LiveRelay
 from .observe import AccessLog, Observers
 from .proxy import Proxy, Receive, Scope, Send
 from .routing import Service
@@ -42,11 +43,13 @@ class Sidecar:
     def __init__(self, config: Config, *, observers: Observers | None = None,
                  refresh_observer: RefreshObserver | None = None) -> None:
         self.refresh_observer = refresh_observer
-        self.state = SidecarState(Snapshot(config, CredentialRegistry(config.credentials, refresh_observer)))
+        self.reload_observer: Callable[[str], None] | None = None  # ("success" | "failure"), for metrics
+        self.state = SidecarState(Snapshot.build(config, refresh_observer))
         self.pool = UpstreamPool()
         self.observers = observers or Observers(AccessLog())
         self.proxy = Proxy(self.state, self.pool, self.observers)
-        self.websocket_handler: WebSocketHandler | None = None
+        self.live = LiveRelay(self.state)  # the Live API (WebSocket) relay; telemetry sets live.observer
+        self.websocket_handler: WebSocketHandler | None = self.live.handle
         self.metrics_renderer: Callable[[], tuple[bytes, str]] | None = None
 
     @property
@@ -65,13 +68,20 @@ class Sidecar:
             self.observers.flush()
 
     def apply_config(self, config: Config) -> None:
-        """Swap in a new config; unchanged credentials keep their cached tokens."""
+        """Swap in a new config atomically: requests already running finish on the old one.
+
+        Unchanged credentials keep their cached tokens. Raises ConfigError (e.g. an
+        unreadable caller-keys file) without changing anything.
+        """
         previous = self.state.snapshot
-        credentials = CredentialRegistry(config.credentials, self.refresh_observer)
-        credentials.adopt(previous.credentials)
-        snapshot = Snapshot(config, credentials)
-        credentials.start(snapshot.needed_credentials())
+        snapshot = Snapshot.build(config, self.refresh_observer)
+        snapshot.credentials.adopt(previous.credentials)
+        snapshot.credentials.start(snapshot.needed_credentials())
         self.state.swap(snapshot)
+        retired = [source for name, source in previous.credentials.sources.items()
+                   if snapshot.credentials.sources.get(name) is not source]
+        for source in retired:
+            asyncio.ensure_future(source.aclose())
 
     async def aclose(self) -> None:
         flusher = getattr(self, "_flusher", None)

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import uvicorn
@@ -76,43 +77,84 @@ def _uvicorn_config(app: Any, config: Config, **extra: Any) -> uvicorn.Config:
     )
 
 
-async def serve(config: Config, sidecar: Sidecar | None = None) -> None:
+async def serve(config: Config, sidecar: Sidecar | None = None, config_path: str | None = None) -> None:
     if sidecar is None:  # --- telemetry wiring (issue 5) ---
         from .telemetry import Telemetry
         telemetry = Telemetry(config)
         sidecar = Sidecar(config, observers=telemetry.observers(), refresh_observer=telemetry.token_refreshed)
         sidecar.metrics_renderer = telemetry.render
         telemetry.set_ready_probe(lambda: sidecar.state.ready)  # type: ignore[union-attr]
+        sidecar.live.observer = telemetry
+        sidecar.reload_observer = telemetry.config_reloaded
     main_sock = bind(config.listen)
     admin_sock = bind(config.admin_listen)
     app_server = _Server(_uvicorn_config(sidecar.main_app, config))
     admin_server = _Server(_uvicorn_config(sidecar.admin_app(), config))
+    tls = _tls_listener(config, sidecar)
+    front = [app_server] + ([tls.server] if tls else [])  # the listeners callers use
     sidecar.start()
+    watcher = None
+    if config_path is not None:
+        from .reload import ConfigWatcher
+
+        watcher = asyncio.ensure_future(ConfigWatcher(config_path, sidecar, sidecar.reload_observer)
+                                        .run(config.reload_interval_seconds))
 
     loop = asyncio.get_running_loop()
 
     def drain(signame: str) -> None:
         if sidecar.state.draining:
-            app_server.force_exit = True  # a second signal: stop now
+            for server in front:
+                server.force_exit = True  # a second signal: stop now
             return
         log.info("received %s: draining in-flight requests (up to %gs)", signame, config.drain_seconds)
         sidecar.state.draining = True
-        app_server.should_exit = True
+        for server in front:
+            server.should_exit = True
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, drain, sig.name)
 
     listening = {"event": "listening", "version": __version__, "config": config.source,
                  "listen": _address(main_sock), "admin_listen": _address(admin_sock)}
+    if tls:
+        listening.update(tls_listen=_address(tls.sock), ca_bundle=tls.ca_bundle_path)
     print(json.dumps(listening), flush=True)
     admin_task = asyncio.ensure_future(admin_server.serve(sockets=[admin_sock]))
+    tls_task = asyncio.ensure_future(tls.server.serve(sockets=[tls.sock])) if tls else None
     try:
         await app_server.serve(sockets=[main_sock])
     finally:
+        if watcher is not None:
+            watcher.cancel()
         admin_server.should_exit = True
+        if tls and tls_task:
+            tls.server.should_exit = True
+            await tls_task
         await admin_task
         await sidecar.aclose()
         log.info("stopped")
+
+
+@dataclass
+class _TlsListener:
+    sock: socket.socket
+    server: _Server
+    ca_bundle_path: str
+
+
+def _tls_listener(config: Config, sidecar: Sidecar) -> _TlsListener | None:
+    """`tls_listen`: the same app over TLS (google-genai's Live API only dials wss://)."""
+    if config.tls_listen is None:
+        return None
+    from .tls import prepare_tls  # raises TlsError (an OSError): "cannot start: ..."
+
+    files = prepare_tls(config.tls)
+    sock = bind(config.tls_listen)
+    server = _Server(_uvicorn_config(sidecar.main_app, config, ssl_certfile=files.cert_file,
+                                     ssl_keyfile=files.key_file))
+    log.info("TLS listener on %s; apps trust it with SSL_CERT_FILE=%s", _address(sock), files.ca_bundle_path)
+    return _TlsListener(sock, server, files.ca_bundle_path)
 
 
 def _address(sock: socket.socket) -> str:
@@ -174,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loop_factory = None
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(serve(config))
+            runner.run(serve(config, config_path=args.config))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1

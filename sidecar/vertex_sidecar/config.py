@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -87,6 +88,8 @@ class CredentialSpec:
     delegates: tuple[str, ...] = ()
     lifetime_seconds: int = 3600
     scopes: tuple[str, ...] = (CLOUD_PLATFORM_SCOPE,)
+    # impersonate: base URL of the IAM Credentials API (PSC, tests); None = Google's
+    iam_endpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,18 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class CallerKeys:
+    """Optional shared-secret check on callers (off by default: the sidecar is on localhost).
+
+    `file` lists SHA-256 hashes of the accepted keys, one per line (`sha256:<hex>`, an
+    optional `name:` in front, `#` comments), so the plain keys never sit in a ConfigMap.
+    """
+
+    file: str
+    header: str = "x-vertex-sidecar-key"
+
+
+@dataclass(frozen=True)
 class Config:
     listen: ListenAddress = ListenAddress("127.0.0.1", 4000)
     admin_listen: ListenAddress = ListenAddress("0.0.0.0", 9464)
@@ -192,6 +207,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     live: LiveLimits = field(default_factory=LiveLimits)  # base of every route's `live:`
     tls: TlsSettings = field(default_factory=TlsSettings)
+    caller_keys: CallerKeys | None = None
+    reload_interval_seconds: float = 2.0
     source: str = "<built-in defaults>"
 
     @property
@@ -386,7 +403,10 @@ def _credential(name: str, section: _Section) -> CredentialSpec:
         delegates=section.strings("delegates"),
         lifetime_seconds=section.positive_int("lifetime_seconds", 3600) or 3600,
         scopes=section.strings("scopes", (CLOUD_PLATFORM_SCOPE,)),
+        iam_endpoint=_upstream_url(section, "iam_endpoint", "") if section.string("iam_endpoint") else None,
     )
+    if spec.iam_endpoint is not None and kind != "impersonate":
+        raise ConfigError(f"{section.where('iam_endpoint')}: only used by type impersonate")
     section.finish()
     return spec
 
@@ -399,6 +419,16 @@ def _credentials(section: _Section) -> dict[str, CredentialSpec]:
             raise ConfigError(f"credentials.{spec.name}.source: no credential named {spec.source!r}")
         if spec.source == spec.name:
             raise ConfigError(f"credentials.{spec.name}.source: a credential cannot be its own source")
+        if spec.source is not None and result[spec.source].type == "client":
+            raise ConfigError(f"credentials.{spec.name}.source: {spec.source!r} is of type client and mints "
+                              "no tokens; use adc, service_account_file or external_account_file")
+        chain, current = [spec.name], spec.source
+        while current in result:  # impersonation chains must end at a token-minting credential
+            if current in chain:
+                raise ConfigError(f"credentials.{spec.name}.source: circular sources "
+                                  f"({' -> '.join([*chain, current])})")
+            chain.append(current)
+            current = result[current].source
     return result
 
 
@@ -463,13 +493,19 @@ def _route(index: int, section: _Section, credentials: Mapping[str, CredentialSp
     if credential not in credentials:
         raise ConfigError(f"{section.where('credential')}: no credential named {credential!r} "
                           f"(defined: {', '.join(sorted(credentials))})")
+    fallback_locations = section.strings("fallback_locations", pattern=LOCATION_TOKEN_RE, hint=_LOCATION_HINT)
+    for location in fallback_locations:
+        # A fallback is never a silent rewrite to a place the route does not allow.
+        if not any(fnmatchcase(location, pattern) for pattern in match.locations):
+            raise ConfigError(f"{section.where('fallback_locations')}: {location!r} is not allowed by "
+                              f"match.locations {list(match.locations)}")
     route = Route(
         name=name,
         match=match,
         credential=credential,
         defaults=_defaults(section.section("defaults")),
         aliases=section.string_map("aliases"),
-        fallback_locations=section.strings("fallback_locations", pattern=LOCATION_TOKEN_RE, hint=_LOCATION_HINT),
+        fallback_locations=fallback_locations,
         quota_project=section.string("quota_project", pattern=PROJECT_RE, hint=" (a Google Cloud project id)"),
         limits=_limits(section.section("limits"), limits),
         timeouts=_timeouts(section.section("timeouts"), timeouts),
@@ -514,6 +550,16 @@ def _pricing(top: _Section) -> Mapping[str, Any] | None:
     return overrides
 
 
+def _caller_keys(section: _Section) -> CallerKeys:
+    file = section.string("file")
+    if file is None:
+        raise ConfigError(f"{section.where('file')}: required (the file of accepted key hashes)")
+    header = section.string("header", "x-vertex-sidecar-key", pattern=HEADER_NAME_RE, hint=" (a header name)")
+    assert header is not None
+    section.finish()
+    return CallerKeys(file=file, header=header.lower())
+
+
 def parse_config(data: Any, source: str = "<memory>") -> Config:
     """Validate a parsed YAML document and build the `Config`; raises `ConfigError`."""
     top = _Section(data, "")
@@ -548,6 +594,8 @@ def parse_config(data: Any, source: str = "<memory>") -> Config:
         metrics=_metrics(top.section("metrics")),
         live=live,
         tls=_tls(top.section("tls")),
+        caller_keys=_caller_keys(top.section("caller_keys")) if top.has("caller_keys") else None,
+        reload_interval_seconds=top.positive_float("reload_interval_seconds", 2.0) or 2.0,
         source=source,
     )
     top.finish()

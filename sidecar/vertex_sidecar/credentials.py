@@ -10,7 +10,9 @@ that need a token while it runs share its result.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import random
 import re
 import time
@@ -28,7 +30,11 @@ TOKEN_WAIT_S = 5.0  # a request waits at most this long for a token before it ge
 
 RefreshObserver = Callable[[str, str], None]  # (credential name, "success" | "failure")
 
-_TOKENISH = re.compile(r"(ya29\.[\w.-]+|eyJ[\w-]+\.[\w-]+\.[\w-]*|-----BEGIN [A-Z ]+-----[^-]*)")
+# A PEM block is cut through its END line (or to the end of the text when truncated).
+_TOKENISH = re.compile(r"(ya29\.[\w.-]+|eyJ[\w-]+\.[\w-]+\.[\w-]*|-----BEGIN ([A-Z ]+)-----.*?(?:-----END \2-----|$))",
+                       re.DOTALL)
+IAM_CREDENTIALS_URL = "https://iamcredentials.googleapis.com"
+_GENERATE_ACCESS_TOKEN = "/v1/projects/-/serviceAccounts/{}:generateAccessToken"
 
 
 class CredentialError(Exception):
@@ -40,6 +46,40 @@ def redact(text: str) -> str:
     return _TOKENISH.sub("[redacted]", text)
 
 
+def _load_file_unscoped_then_scope(path: str, scopes: list[str]) -> Any:
+    """Any credential file google-auth knows, without its project-id lookup.
+
+    `google.auth.default()` and `load_credentials_from_file(scopes=...)` look up the project
+    of an `external_account` config at cloudresourcemanager.googleapis.com — a token
+    exchange plus a call the sidecar does not need, which fails where egress only reaches
+    Vertex (and in tests). Loading unscoped skips it; scoping afterwards is what `default()`
+    does itself.
+    """
+    import google.auth
+    from google.auth import credentials as google_credentials
+
+    credentials, _project = google.auth.load_credentials_from_file(path)
+    return google_credentials.with_scopes_if_required(credentials, scopes)
+
+
+def _external_account(path: str, scopes: list[str]) -> Any:
+    try:
+        with open(path, encoding="utf-8") as file:
+            kind = json.load(file).get("type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CredentialError(f"cannot read the credential configuration {path}: {exc}") from None
+    if kind not in ("external_account", "external_account_authorized_user"):
+        # Refuse rather than load whatever it is: a key file here is a misconfiguration.
+        raise CredentialError(f"{path} holds a {kind!r} credential, not an external_account configuration "
+                              "(use type service_account_file for key files)")
+    return _load_file_unscoped_then_scope(path, scopes)
+
+
+def _delegate_name(delegate: str) -> str:
+    """IAM wants `projects/-/serviceAccounts/EMAIL`; the config may give the bare email."""
+    return delegate if "/" in delegate else f"projects/-/serviceAccounts/{delegate}"
+
+
 def _make_credentials(spec: CredentialSpec, sources: Mapping[str, CredentialSpec]) -> Any:
     """Build the google-auth credentials object for a spec (blocking: may probe metadata)."""
     import google.auth
@@ -48,6 +88,9 @@ def _make_credentials(spec: CredentialSpec, sources: Mapping[str, CredentialSpec
 
     scopes = list(spec.scopes)
     if spec.type == "adc":
+        explicit = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        if explicit:  # the first place default() looks; loaded without the project lookup
+            return _load_file_unscoped_then_scope(explicit, scopes)
         credentials, _project = google.auth.default(scopes=scopes)
         return credentials
     if spec.type == "service_account_file":
@@ -55,19 +98,68 @@ def _make_credentials(spec: CredentialSpec, sources: Mapping[str, CredentialSpec
         return service_account.Credentials.from_service_account_file(spec.path, scopes=scopes)
     if spec.type == "external_account_file":
         assert spec.path is not None
-        credentials, _project = google.auth.load_credentials_from_file(spec.path, scopes=scopes)
-        return credentials
+        return _external_account(spec.path, scopes)
     if spec.type == "impersonate":
+        assert spec.target_principal is not None
         source_spec = sources[spec.source] if spec.source else CredentialSpec(name="adc-source")
         source = _make_credentials(source_spec, sources)
+        # google-auth takes the full URL with the account in it; None keeps Google's endpoint.
+        endpoint = (spec.iam_endpoint + _GENERATE_ACCESS_TOKEN.format(spec.target_principal)
+                    if spec.iam_endpoint else None)
         return impersonated_credentials.Credentials(
             source_credentials=source,
             target_principal=spec.target_principal,
             target_scopes=scopes,
-            delegates=list(spec.delegates) or None,
+            delegates=[_delegate_name(d) for d in spec.delegates] or None,
             lifetime=spec.lifetime_seconds,
+            iam_endpoint_override=endpoint,
         )
     raise CredentialError(f"credential type {spec.type!r} does not mint tokens")
+
+
+def _google_error(exc: BaseException) -> tuple[Any, str | None, str | None]:
+    """(code, status or OAuth error, message) from the response body google-auth attaches
+    as its exception's second argument; Nones when there is none."""
+    for arg in exc.args[1:]:
+        if isinstance(arg, bytes):
+            arg = arg.decode("utf-8", "replace")
+        if not isinstance(arg, str):
+            continue
+        try:
+            data = json.loads(arg)
+        except ValueError:
+            continue
+        error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, dict):  # Google API shape (IAM Credentials)
+            return error.get("code"), error.get("status"), error.get("message")
+        if isinstance(error, str):  # OAuth shape (STS, OAuth token endpoint)
+            return None, error, data.get("error_description")
+    return None, None, None
+
+
+def explain_refresh_error(spec: CredentialSpec, exc: BaseException, target: str | None = None) -> str:
+    """What went wrong and what to fix, for logs and 503 answers (redacted, no raw bodies)."""
+    first = str(exc.args[0]) if exc.args else ""
+    code, status, message = _google_error(exc)
+    if "impersonated credentials" in first:  # google-auth's generateAccessToken failure
+        account = target or spec.target_principal or "the target service account"
+        via = f" (via delegates {', '.join(spec.delegates)})" if spec.delegates else ""
+        if code == 403:
+            text = (f"impersonation of {account}{via} was denied: {status}: {message} — grant the source identity "
+                    f"roles/iam.serviceAccountTokenCreator on {account}"
+                    + (" and each delegate on the next" if spec.delegates else ""))
+        elif code == 404:
+            text = f"impersonation of {account}{via} failed: {message} (does the service account exist?)"
+        elif code == 401:
+            text = f"impersonation of {account} failed: the source credential's token was refused ({message})"
+        else:
+            text = f"impersonation of {account} failed: {status or type(exc).__name__}: {message or first}"
+    elif status is not None and code is None:
+        # STS / OAuth: google-auth's own first argument already reads "Error code invalid_grant: ..."
+        text = f"{type(exc).__name__}: {first}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return redact(text)[:500]
 
 
 class TokenSource:
@@ -132,7 +224,11 @@ class TokenSource:
         try:
             token, expires_at = await asyncio.to_thread(self._refresh_blocking)
         except Exception as exc:  # google-auth raises a variety of transport/refresh errors
-            message = redact(f"{type(exc).__name__}: {exc}")[:500]
+            if isinstance(exc, CredentialError):  # ours, already explained
+                message = redact(str(exc))[:500]
+            else:
+                target = getattr(self._credentials, "service_account_email", None)
+                message = explain_refresh_error(self.spec, exc, target if isinstance(target, str) else None)
             self.last_error = message
             self._observe("failure")
             log.warning("token refresh failed for credential %r: %s", self.name, message)

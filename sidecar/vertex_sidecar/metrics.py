@@ -42,7 +42,10 @@ __all__ = [
 # Bucket boundaries advised by the OpenTelemetry GenAI conventions.
 TOKEN_BUCKETS: Final = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 DURATION_BUCKETS: Final = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
-TTFT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+# OTel's advice stops at 10 s; thinking models often take longer, and a p95 alert at 10 s
+# needs buckets above it.
+TTFT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                       15.0, 30.0, 60.0)
 TPOT_BUCKETS: Final = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 LIVE_SESSION_BUCKETS: Final = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 
@@ -75,6 +78,9 @@ class ProcessMetrics:
             buckets=LIVE_SESSION_BUCKETS, registry=registry)
         self.live_turns = Counter(
             "vertex_sidecar_live_turns", "Live API turns that reported usage.", ["route", "model"], registry=registry)
+        self.live_tokens = Counter(
+            "vertex_sidecar_live_tokens", "Tokens of Live API turns (also counted in gen_ai_client_token_usage).",
+            ["route", "model", TOKEN_TYPE], registry=registry)
         self.config_reloads = Counter(
             "vertex_sidecar_config_reloads", "Config file reloads, by result (success|failure).", ["result"],
             registry=registry)
@@ -121,10 +127,14 @@ class TrafficMetrics:
             "Upstream failures: reason timeout|unreachable|failed|stream_broken, or status_429 / status_5xx "
             "answered by Google.",
             ["route", "reason"], registry=registry)
+        self.errors = Counter(
+            "vertex_sidecar_errors", "Errors the sidecar answered itself (or a caller that went away), by reason: "
+            "credentials_unavailable, no_matching_route, invalid_path, body_too_large, client_disconnected, ...",
+            ["route", "reason"], registry=registry)
 
     def collectors(self) -> tuple[Collector, ...]:
         return (self.requests, self.token_usage, self.cost, self.request_duration, self.time_to_first_token,
-                self.time_per_output_token, self.upstream_errors)
+                self.time_per_output_token, self.upstream_errors, self.errors)
 
     def unregister(self) -> None:
         for collector in self.collectors():

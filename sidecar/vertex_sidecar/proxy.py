@@ -10,18 +10,20 @@ as it arrives, with the upstream socket paused when the caller reads slowly.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from .config import Route
+from .callerkeys import KeyCheck
+from .config import Config, Route
 from .credentials import CredentialError, TokenSource
 from .errors import SidecarError
 from .headers import client_response_headers, content_length, header_value, upstream_request_headers
-from .observe import Observer, RequestRecord
-from .policy import decide
-from .routing import Service, Target
+from .observe import ChunkParser, Observer, RequestRecord
+from .policy import decide, needs_body_model, resolve_target
+from .routing import Service, Target, with_location
 from .state import SidecarState
 from .upstream_client import UpstreamConnectError, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 
@@ -30,6 +32,9 @@ log = logging.getLogger("vertex_sidecar.proxy")
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+REPLAY_BUFFER_BYTES = 256 * 1024  # bodies up to this size are kept, so retries and fallbacks can replay them
 
 
 class ClientDisconnected(Exception):
@@ -86,41 +91,106 @@ class Proxy:
                       record: RequestRecord) -> None:
         snapshot = self.state.snapshot  # the whole exchange runs under one config
         config = snapshot.config
-        decision = decide(subpath, service, config)
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        if snapshot.keys is not None:
+            self._check_caller_key(snapshot.keys, headers, record)
+
+        declared_length = content_length(headers)
+        max_body = config.limits.max_body_bytes
+        body_model: str | None = None
+        body: bytes | None = None
+        streamed: AsyncIterator[bytes] | None = None
+        if needs_body_model(resolve_target(subpath, service, config)):
+            # The OpenAI-compatible endpoint names its model in the body: read it (bounded).
+            body, streamed = await self._read_body_start(receive, max_body, record, keep_up_to=max_body)
+            body_model = _openai_body_model(body, strict=not config.allow_all)
+        decision = decide(subpath, service, config, body_model)
         route, target = decision.route, decision.target
+        if decision.body_model is not None and body is not None:
+            body = _rewrite_openai_model(body, decision.body_model)
         record.route, record.project, record.location = route.name, target.project, target.location
         record.model, record.publisher, record.operation = target.model, target.publisher, target.method
         record.answered_location = target.location
 
-        declared_length = content_length(scope["headers"])
         max_body = route.limits.max_body_bytes
         if max_body is not None and declared_length is not None and declared_length > max_body:
             raise SidecarError(413, f"the request body is {declared_length} bytes; this route "
                                     f"({route.name}) accepts at most {max_body} bytes", reason="BODY_TOO_LARGE")
+        limiter = self.state.limiters.for_route(route.name, route.limits)
+        if limiter.active:
+            refusal = limiter.admit()
+            if refusal is not None:
+                raise SidecarError(429, refusal.message, reason="ROUTE_RATE_LIMITED",
+                                   headers=[(b"retry-after", str(refusal.retry_after_s).encode())])
+        if body is None:
+            body, streamed = await self._read_body_start(receive, max_body, record)
+        elif max_body is not None and record.bytes_in > max_body:
+            raise SidecarError(413, f"the request body exceeds this route's limit of {max_body} bytes",
+                               reason="BODY_TOO_LARGE")
 
-        source = snapshot.credentials.get(route.credential)
-        forward_caller = snapshot.credentials.specs[route.credential].type == "client"
-        body, streamed = await self._read_body_start(receive, max_body, record)
-        upstream_target = _request_target(target, scope)
-        token = await self._token(source) if source is not None else None
-        upstream_headers = upstream_request_headers(
-            scope["headers"], bearer_token=token, quota_project=route.quota_project,
-            forward_caller_credentials=forward_caller,
+        spec = snapshot.credentials.specs[route.credential]
+        exchange = _Exchange(
+            source=snapshot.credentials.get(route.credential),
+            forward_caller=spec.type == "client",
+            extra_drop=frozenset({snapshot.keys.header}) if snapshot.keys is not None else frozenset(),
+            headers=headers, method=scope["method"], query=scope.get("query_string", b""),
+            body=body, streamed=streamed, streamed_length=declared_length if streamed is not None else None,
         )
-        response = await self._send_upstream(target, route, scope["method"], upstream_target, upstream_headers,
-                                             body, declared_length if streamed is not None else None, streamed)
-        if response.status == 401 and source is not None and token is not None and streamed is None:
-            # Google refused our token (revoked, or clock skew): refresh once and replay.
-            await response.aclose()
-            source.invalidate(token)
-            token = await self._token(source)
-            upstream_headers = upstream_request_headers(
-                scope["headers"], bearer_token=token, quota_project=route.quota_project,
-                forward_caller_credentials=forward_caller,
-            )
-            response = await self._send_upstream(target, route, scope["method"], upstream_target,
-                                                 upstream_headers, body, None, None)
-        await self._relay_response(response, receive, send, record, request_body_done=streamed is None)
+        response = await self._send_with_retries(exchange, route, target, config, record)
+        parser = await self._relay_response(response, receive, send, record, request_body_done=streamed is None)
+        if limiter.counts_tokens and parser is not None:
+            limiter.record_tokens(_total_tokens(parser))
+
+    async def _send_with_retries(self, exchange: "_Exchange", route: Route, target: Target, config: Config,
+                                 record: RequestRecord) -> UpstreamResponse:
+        """Send; on a refused token refresh and replay once; on 429/503 try the fallback locations.
+
+        Retries happen only while nothing has reached the caller and the body was kept.
+        """
+        locations = [target.location] + [loc for loc in route.fallback_locations if loc != target.location]
+        response: UpstreamResponse | None = None
+        for attempt, location in enumerate(locations):
+            if attempt:
+                assert response is not None and location is not None
+                await response.aclose()
+                record.extra["fallbacks"] = attempt
+                target = with_location(target, location, config.upstreams)
+                record.answered_location = location
+            response = await self._send_once(exchange, route, target)
+            if response.status != 401 or exchange.source is None or not exchange.replayable:
+                pass
+            else:
+                # Google refused our token (revoked, or clock skew): refresh once and replay.
+                await response.aclose()
+                assert exchange.token is not None
+                exchange.source.invalidate(exchange.token)
+                record.extra["token_retry"] = True
+                response = await self._send_once(exchange, route, target)
+            if response.status not in (429, 503) or not exchange.replayable or target.location is None:
+                break
+        assert response is not None
+        return response
+
+    async def _send_once(self, exchange: "_Exchange", route: Route, target: Target) -> UpstreamResponse:
+        if exchange.source is not None:
+            exchange.token = await self._token(exchange.source)
+        upstream_headers = upstream_request_headers(
+            exchange.headers, bearer_token=exchange.token, quota_project=route.quota_project,
+            forward_caller_credentials=exchange.forward_caller, extra_drop=exchange.extra_drop,
+        )
+        query = exchange.query
+        request_target = target.origin.prefix + target.path
+        if query:
+            request_target += "?" + query.decode("latin-1")
+        return await self._send_upstream(target, route, exchange.method, request_target, upstream_headers,
+                                         exchange.body, exchange.streamed_length, exchange.streamed)
+
+    def _check_caller_key(self, keys: KeyCheck, headers: list[tuple[bytes, bytes]], record: RequestRecord) -> None:
+        name = keys.identify(header_value(headers, keys.header))
+        if name is None:
+            raise SidecarError(401, f"this sidecar requires a caller key in the {keys.header.decode()} header; "
+                                    "ask your platform team for one", reason="CALLER_KEY_REQUIRED")
+        record.extra["caller"] = name
 
     async def _token(self, source: TokenSource) -> str:
         try:
@@ -130,18 +200,28 @@ class Proxy:
                                     "credential in the sidecar config; the request was not sent",
                                reason="CREDENTIALS_UNAVAILABLE") from None
 
-    async def _read_body_start(self, receive: Receive, max_body: int | None,
-                               record: RequestRecord) -> tuple[bytes, AsyncIterator[bytes] | None]:
-        """Small bodies (one ASGI message) come back as bytes; larger ones as a stream."""
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected()
-        first = message.get("body", b"")
-        record.bytes_in = len(first)
-        if max_body is not None and len(first) > max_body:
-            raise SidecarError(413, f"the request body exceeds this route's limit of {max_body} bytes",
-                               reason="BODY_TOO_LARGE")
-        if not message.get("more_body", False):
+    async def _read_body_start(self, receive: Receive, max_body: int | None, record: RequestRecord,
+                               keep_up_to: int | None = REPLAY_BUFFER_BYTES
+                               ) -> tuple[bytes, AsyncIterator[bytes] | None]:
+        """Bodies up to `keep_up_to` bytes come back whole (they can be replayed on a retry);
+        larger ones as a stream that starts with what was read so far."""
+        parts: list[bytes] = []
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected()
+            chunk = message.get("body", b"")
+            parts.append(chunk)
+            record.bytes_in += len(chunk)
+            more = message.get("more_body", False)
+            if max_body is not None and record.bytes_in > max_body:
+                raise SidecarError(413, f"the request body exceeds this route's limit of {max_body} bytes",
+                                   reason="BODY_TOO_LARGE")
+            if keep_up_to is not None and record.bytes_in > keep_up_to:
+                break
+        first = parts[0] if len(parts) == 1 else b"".join(parts)
+        if not more:
             return first, None
 
         async def stream() -> AsyncIterator[bytes]:
@@ -190,7 +270,7 @@ class Proxy:
                                reason="UPSTREAM_FAILED") from None
 
     async def _relay_response(self, response: UpstreamResponse, receive: Receive, send: Send,
-                              record: RequestRecord, *, request_body_done: bool) -> None:
+                              record: RequestRecord, *, request_body_done: bool) -> ChunkParser | None:
         record.upstream_status = record.status = response.status
         response_headers = client_response_headers(response.headers)
         content_type = header_value(response_headers, b"content-type")
@@ -225,6 +305,7 @@ class Proxy:
             if watcher is not None:
                 watcher.cancel()
             await response.aclose()
+        return parser
 
     async def _send_error(self, send: Send, record: RequestRecord, error: SidecarError) -> None:
         record.status = error.code
@@ -249,8 +330,55 @@ async def _watch_disconnect(receive: Receive, response: UpstreamResponse) -> Non
             return
 
 
-def _request_target(target: Target, scope: Scope) -> str:
-    """Upstream request-target: the origin's prefix, the resolved path, the query string verbatim."""
-    query: bytes = scope.get("query_string", b"")
-    path = target.origin.prefix + target.path
-    return f"{path}?{query.decode('latin-1')}" if query else path
+class _Exchange:
+    """What is sent upstream, kept together so a retry can send it again."""
+
+    def __init__(self, *, source: TokenSource | None, forward_caller: bool, extra_drop: frozenset[bytes],
+                 headers: list[tuple[bytes, bytes]], method: str, query: bytes, body: bytes,
+                 streamed: AsyncIterator[bytes] | None, streamed_length: int | None) -> None:
+        self.source = source
+        self.forward_caller = forward_caller
+        self.extra_drop = extra_drop
+        self.headers = headers
+        self.method = method
+        self.query = query
+        self.body = body
+        self.streamed = streamed
+        self.streamed_length = streamed_length
+        self.token: str | None = None
+
+    @property
+    def replayable(self) -> bool:
+        return self.streamed is None
+
+
+def _openai_body_model(body: bytes, *, strict: bool) -> str | None:
+    """The `model` of an OpenAI-compatible request body; with routes configured it is required."""
+    try:
+        data = json.loads(body)
+        model = data.get("model") if isinstance(data, dict) else None
+    except ValueError:
+        if strict:
+            raise SidecarError(400, "the request body is not valid JSON; the sidecar must read its \"model\" "
+                                    "to apply the route policy", reason="INVALID_BODY") from None
+        return None
+    if not isinstance(model, str) or not model:
+        if strict:
+            raise SidecarError(400, "the OpenAI-compatible request names no \"model\" (e.g. \"google/gemini-2.5-flash\")",
+                               reason="INVALID_BODY")
+        return None
+    return model
+
+
+def _rewrite_openai_model(body: bytes, model: str) -> bytes:
+    data = json.loads(body)
+    data["model"] = model
+    return json.dumps(data, separators=(",", ":")).encode("utf-8")
+
+
+def _total_tokens(parser: ChunkParser) -> int:
+    result = getattr(parser, "result", None)
+    if result is None:
+        return 0
+    usage = result()
+    return int(getattr(usage, "total_tokens", 0) or (getattr(usage, "input_tokens", 0) + getattr(usage, "output_tokens", 0)))

@@ -8,7 +8,7 @@ dots, slashes, percent-escapes, ports, userinfo or uppercase is refused.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Literal
 from urllib.parse import urlsplit
@@ -204,6 +204,29 @@ def describe_resource(rest: list[str]) -> tuple[str | None, str | None, str | No
             return None, None, "/".join(rest[2:]) or method
         return None, f"endpoints/{endpoint}", method
     return None, None, method if last_name else None
+
+
+def with_model(target: Target, model: str) -> Target:
+    """The same call for another model (alias resolution): only the model segment changes."""
+    if target.model is None or target.model.startswith("endpoints/"):
+        return replace(target, model=model)
+    old = f"/models/{target.model}"
+    index = target.path.find(old)
+    if index < 0:
+        return replace(target, model=model)
+    end = index + len(old)
+    if end < len(target.path) and target.path[end] not in ":/":
+        return replace(target, model=model)
+    return replace(target, model=model, path=target.path[:index] + f"/models/{model}" + target.path[end:])
+
+
+def with_location(target: Target, location: str, upstreams: Upstreams) -> Target:
+    """The same call in another location (fallback): path segment and host both change."""
+    assert target.location is not None and is_valid_location(location)
+    old = f"/locations/{target.location}/"
+    path = target.path.replace(old, f"/locations/{location}/", 1) if old in target.path else target.path
+    origin = origin_for(upstream_template(target.service, location, upstreams), location)
+    return replace(target, location=location, path=path, origin=origin)
 
 
 def _shorten(text: str, limit: int = 60) -> str:

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .callerkeys import KeyCheck, load_key_check
 from .config import Config
-from .credentials import CredentialRegistry
+from .credentials import CredentialRegistry, RefreshObserver
+from .limits import Limiters
 
 
 @dataclass
 class Snapshot:
     config: Config
     credentials: CredentialRegistry
+    keys: KeyCheck | None = None
+
+    @classmethod
+    def build(cls, config: Config, refresh_observer: RefreshObserver | None = None) -> "Snapshot":
+        """Everything a config implies; reads the caller-keys file (raises ConfigError)."""
+        return cls(config, CredentialRegistry(config.credentials, refresh_observer), load_key_check(config.caller_keys))
 
     def needed_credentials(self) -> set[str]:
         """Credentials a route uses (readiness waits for their first token)."""
@@ -28,6 +36,7 @@ class Snapshot:
 class SidecarState:
     snapshot: Snapshot
     draining: bool = False
+    limiters: Limiters = field(default_factory=Limiters)  # outlive snapshots: a reload keeps the counts
     extras: dict[str, object] = field(default_factory=dict)
 
     def swap(self, snapshot: Snapshot) -> Snapshot:

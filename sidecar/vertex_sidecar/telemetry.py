@@ -142,10 +142,11 @@ class Telemetry:
         series.request(status).inc()
         duration = record.duration_s
         if duration is not None:
-            series.duration.observe(duration)
+            series.histogram(_DURATION).observe(duration)
         if usage is not None:
             cost = self.pricing.cost(record.model or "", usage)
-            series.account(usage, cost.usd)
+            if usage.billable:  # countTokens reports tokens nobody consumed: logged, not counted
+                series.account(usage, cost.usd)
             extra = record.extra
             extra["tokens"] = usage.as_log_dict()
             extra["cost_usd"] = round(cost.usd, 9)
@@ -153,12 +154,14 @@ class Telemetry:
             first_byte = record.first_byte_s
             if (200 <= status < 300 and first_byte is not None and duration is not None
                     and _is_stream(record)):
-                series.ttft.observe(first_byte)
+                series.histogram(_TTFT).observe(first_byte)
                 if usage.output_tokens > 1:
-                    series.tpot.observe((duration - first_byte) / (usage.output_tokens - 1))
+                    series.histogram(_TPOT).observe((duration - first_byte) / (usage.output_tokens - 1))
         reason = _upstream_error_reason(record)
         if reason is not None:
             self.traffic.upstream_errors.labels(route, reason).inc()
+        elif record.error_reason is not None:
+            self.traffic.errors.labels(route, _reason_label(record.error_reason)).inc()
 
     # ------------------------------------------------------------ credentials
     def token_refreshed(self, credential: str, result: str) -> None:
@@ -186,7 +189,12 @@ class Telemetry:
         """Account one Live turn's usage; returns the fields for the session's log line."""
         route = route or NONE
         label = self._model_label(model, True)
-        self.process.live_turns.labels(route, label).inc()
+        process = self.process
+        process.live_turns.labels(route, label).inc()
+        for token_type, count in (("input", usage.input_tokens), ("output", usage.output_tokens),
+                                  ("cached_input", usage.cached_input_tokens), ("reasoning", usage.reasoning_tokens)):
+            if count:
+                process.live_tokens.labels(route, label, token_type).inc(count)
         extras = self._extras(headers) if self._header_labels else ()
         series = self._series_for(route, label, "generate_content", extras)
         cost = self.pricing.cost(model or "", usage)
@@ -255,36 +263,46 @@ class Telemetry:
         return text
 
 
-class _Series:
-    """The label children of one (route, model, operation, header labels)."""
+_DURATION, _TTFT, _TPOT = 0, 1, 2
 
-    __slots__ = ("_requests", "_requests_by_code", "_extras", "_route", "_model", "_operation", "duration", "ttft",
-                 "tpot", "_tokens", "_cost", "_token_usage", "_cost_counter")
+
+class _Series:
+    """The label children of one (route, model, operation, header labels), created on first use
+    (an empty histogram child would show up as a NaN quantile)."""
+
+    __slots__ = ("_traffic", "_requests_by_code", "_extras", "_route", "_model", "_operation", "_histograms",
+                 "_tokens", "_cost")
 
     def __init__(self, traffic: TrafficMetrics, route: str, model: str, operation: str,
                  extras: tuple[str, ...]) -> None:
-        self._requests = traffic.requests
-        self._requests_by_code: dict[int, Any] = {}
+        self._traffic = traffic
         self._route, self._model, self._operation, self._extras = route, model, operation, extras
-        self.duration = traffic.request_duration.labels(model, operation, route)
-        self.ttft = traffic.time_to_first_token.labels(model, operation, route)
-        self.tpot = traffic.time_per_output_token.labels(model, operation, route)
-        self._token_usage = traffic.token_usage
-        self._cost_counter = traffic.cost
+        self._requests_by_code: dict[int, Any] = {}
+        self._histograms: list[Any] = [None, None, None]
         self._tokens: dict[str, Any] = {}
         self._cost: Any = None
+
+    def histogram(self, which: int) -> Any:
+        child = self._histograms[which]
+        if child is None:
+            traffic = self._traffic
+            family = (traffic.request_duration, traffic.time_to_first_token, traffic.time_per_output_token)[which]
+            child = self._histograms[which] = family.labels(self._model, self._operation, self._route)
+        return child
 
     def request(self, status: int) -> Any:
         child = self._requests_by_code.get(status)
         if child is None:
-            child = self._requests.labels(self._route, self._model, self._operation, str(status), *self._extras)
+            child = self._traffic.requests.labels(self._route, self._model, self._operation, str(status),
+                                                  *self._extras)
             self._requests_by_code[status] = child
         return child
 
     def tokens(self, token_type: str) -> Any:
         child = self._tokens.get(token_type)
         if child is None:
-            child = self._token_usage.labels(token_type, self._model, self._operation, self._route, *self._extras)
+            child = self._traffic.token_usage.labels(token_type, self._model, self._operation, self._route,
+                                                     *self._extras)
             self._tokens[token_type] = child
         return child
 
@@ -297,7 +315,7 @@ class _Series:
             self.tokens("reasoning").observe(usage.reasoning_tokens)
         if usd > 0:
             if self._cost is None:
-                self._cost = self._cost_counter.labels(self._route, self._model, *self._extras)
+                self._cost = self._traffic.cost.labels(self._route, self._model, *self._extras)
             self._cost.inc(usd)
 
 
@@ -305,6 +323,14 @@ def _is_stream(record: RequestRecord) -> bool:
     content_type = record.response_content_type
     return ((record.operation or "").startswith("stream")
             or (content_type is not None and content_type.startswith("text/event-stream")))
+
+
+_REASON = re.compile(r"[A-Z][A-Z0-9_]{0,39}")
+
+
+def _reason_label(reason: str) -> str:
+    """The sidecar's own error reasons are code constants; anything else collapses to one value."""
+    return reason.lower() if _REASON.fullmatch(reason) else OTHER
 
 
 def _upstream_error_reason(record: RequestRecord) -> str | None:

@@ -83,12 +83,30 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("the upstream switched protocols unexpectedly"))
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"the upstream sent a malformed HTTP response: {exc}"))
+            # An error raised in one of our callbacks arrives wrapped; say what it was.
+            reason = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) and exc.__context__ else exc
+            self._fail(UpstreamError(f"the upstream sent a malformed HTTP response: {reason}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if not self.complete:
-            self._fail(UpstreamError("the upstream closed the connection before the response was complete"))
+        if self.complete:
+            return
+        if exc is None and self._body_ends_at_eof():
+            # RFC 9112 §6.3: a response without Content-Length or chunked framing ends at the
+            # close; httptools has no way to be told of EOF, so the end is marked here.
+            self.complete = True
+            self._wake()
+            return
+        self._fail(UpstreamError("the upstream closed the connection before the response was complete"))
+
+    def _body_ends_at_eof(self) -> bool:
+        if self.status < 200 or self.error is not None:
+            return False
+        for name, value in self.headers:
+            lowered = name.lower()
+            if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
+                return False
+        return True
 
     def pause_writing(self) -> None:
         self._write_ready.clear()
@@ -100,7 +118,7 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > MAX_RESPONSE_HEADER_BYTES:
-            raise httptools.HttpParserError("response headers too large")
+            raise httptools.HttpParserError(f"response headers larger than {MAX_RESPONSE_HEADER_BYTES // 1024} KiB")
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -377,9 +395,16 @@ class UpstreamPool:
         if conn.reusable:
             idle = self._idle.setdefault(conn.origin, collections.deque())
             if len(idle) < self._max_idle:
-                conn.idle_since = time.monotonic()
+                now = conn.idle_since = time.monotonic()
                 conn.chunks.clear()
                 idle.append(conn)
+                # Reuse is LIFO, so connections a burst opened sink to the left end and steady
+                # traffic never reaches them again: close them there once expired (or dead),
+                # else they would hold sockets until the upstream hangs up.
+                while idle[0].closed or now - idle[0].idle_since > self._idle_timeout:
+                    stale = idle.popleft()
+                    stale.close()
+                    self._all.discard(stale)
                 return
         conn.close()
         self._all.discard(conn)

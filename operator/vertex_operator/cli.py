@@ -1,0 +1,128 @@
+"""`vertex-operator`: run the operator, with the familiar `kopf run` flags and a few of ours."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import threading
+from typing import Sequence
+
+import kopf
+
+from vertex_operator import __version__
+from vertex_operator.options import DEFAULT_SIDECAR_IMAGE, Options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vertex-operator",
+        description="Kubernetes operator of vertex-passthrough: VertexRoute/VertexCredential "
+                    "reconciliation and the sidecar-injecting admission webhook. The cluster is "
+                    "read from the in-cluster service account, else KUBECONFIG (or ~/.kube/config).")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("-A", "--all-namespaces", action="store_true",
+                       help="serve every namespace (the default when no --namespace is given)")
+    scope.add_argument("-n", "--namespace", action="append", default=[], metavar="NAMESPACE",
+                       help="serve only this namespace (repeatable; globs as in kopf)")
+    p.add_argument("--standalone", action="store_true", help="no peering with other operator instances")
+    p.add_argument("-L", "--liveness", metavar="URL",
+                   help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-d", "--debug", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--sidecar-image", default=DEFAULT_SIDECAR_IMAGE,
+                   help="sidecar image for routes that set none (env VERTEX_SIDECAR_IMAGE)")
+    p.add_argument("--operator-namespace", default=os.environ.get("POD_NAMESPACE"),
+                   help="the operator's own namespace, never injected (env POD_NAMESPACE)")
+    p.add_argument("--metrics-addr", default="0.0.0.0")
+    p.add_argument("--metrics-port", type=int, default=8081, help="Prometheus /metrics port; -1 disables")
+    p.add_argument("--resync-interval", type=float, default=300.0, metavar="SECONDS",
+                   help="re-converge every route this often (repairs hand-edited ConfigMaps)")
+    w = p.add_argument_group("admission webhook")
+    w.add_argument("--no-webhook", action="store_true", help="do not serve the injection webhook")
+    w.add_argument("--webhook-addr", default="0.0.0.0")
+    w.add_argument("--webhook-port", type=int, default=9443, help="0 picks a free port")
+    w.add_argument("--webhook-host", help="host name in the URL of a kopf-managed webhook configuration")
+    w.add_argument("--webhook-cert", help="TLS certificate (PEM) of the webhook server")
+    w.add_argument("--webhook-key", help="TLS private key (PEM) of the webhook server")
+    w.add_argument("--webhook-ca", help="CA bundle for a kopf-managed webhook configuration")
+    w.add_argument("--webhook-managed", metavar="NAME",
+                   help="let the operator own the MutatingWebhookConfiguration NAME (development; "
+                        "the Helm chart ships its own configuration)")
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> Options:
+    return Options(
+        clusterwide=args.all_namespaces or not args.namespace,
+        namespaces=tuple(args.namespace),
+        standalone=True if args.standalone else None,
+        liveness=args.liveness,
+        sidecar_image=args.sidecar_image,
+        operator_namespace=args.operator_namespace,
+        metrics_addr=args.metrics_addr,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        webhook=not args.no_webhook,
+        webhook_addr=args.webhook_addr,
+        webhook_port=args.webhook_port or None,
+        webhook_host=args.webhook_host,
+        webhook_cert=args.webhook_cert,
+        webhook_key=args.webhook_key,
+        webhook_ca=args.webhook_ca,
+        webhook_managed=args.webhook_managed,
+        resync_seconds=args.resync_interval,
+    )
+
+
+async def run(options: Options, *, stop_flag: threading.Event | asyncio.Event | None = None,
+              ready_flag: threading.Event | asyncio.Event | None = None,
+              controller: "object | None" = None) -> None:
+    """Run the operator until stopped (signal or `stop_flag`)."""
+    # Imported here: registering the handlers is a side effect of the import.
+    import vertex_operator.handlers  # noqa: F401
+    from vertex_operator.controller import Controller
+    from vertex_operator.metrics import MetricsServer
+
+    ctl = controller if controller is not None else Controller(options)
+    metrics_server = None
+    if options.metrics_port is not None:
+        metrics_server = MetricsServer(options.metrics_addr, options.metrics_port)
+        port = metrics_server.start()
+        logging.getLogger(__name__).info("Metrics on http://%s:%d/metrics", options.metrics_addr, port)
+    try:
+        await kopf.operator(
+            clusterwide=options.clusterwide,
+            namespaces=options.namespaces,
+            standalone=options.standalone,
+            liveness_endpoint=options.liveness,
+            memo=kopf.Memo(controller=ctl),
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+        )
+    finally:
+        if metrics_server is not None:
+            metrics_server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.no_webhook and not (args.webhook_cert and args.webhook_key):
+        parser.error("the webhook needs --webhook-cert and --webhook-key (the Helm chart mounts "
+                     "them from a Secret); or run with --no-webhook")
+    kopf.configure(verbose=args.verbose, debug=args.debug, quiet=args.quiet)
+    if not args.quiet:
+        logging.getLogger("vertex_operator").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    try:
+        asyncio.run(run(options_from_args(args)))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Applies the desired state of a namespace, and answers admission questions.
+
+The kopf handlers call into one `Controller`; it holds the few things that outlive a
+handler call: the API client, per-namespace locks (one reconciliation at a time per
+namespace, whatever triggered it), and caches that let repeated triggers and restarts
+skip writes whose result is already in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Any, Mapping
+
+from vertex_operator import conditions as cond
+from vertex_operator import inject, metrics, reconcile, render
+from vertex_operator.crd import (
+    API_VERSION, MANAGED_BY, MANAGED_BY_LABEL, PREFIX, ROUTE_KIND, ROUTE_LABEL,
+)
+from vertex_operator.kube import Kube
+from vertex_operator.options import Options
+from vertex_operator.selection import Workload, selecting
+from vertex_operator.webhook import AdmissionServer, build_server
+
+logger = logging.getLogger(__name__)
+
+CONTENT_HASH_ANNOTATION = f"{PREFIX}/content-hash"
+
+# Index names: kopf passes each index to handlers under its handler's name.
+ROUTE_INDEX = "vertexroute_index"
+CREDENTIAL_INDEX = "vertexcredential_index"
+WORKLOAD_INDEXES = ("deployment_index", "statefulset_index", "daemonset_index")
+
+
+class Indexes:
+    """Read access to kopf's in-memory indexes (all keyed by namespace)."""
+
+    def __init__(self, kwargs: Mapping[str, Any]) -> None:
+        self._kwargs = kwargs
+
+    def _get(self, index: str, namespace: str) -> list[Any]:
+        found = self._kwargs.get(index)
+        return list(found.get(namespace, [])) if found is not None else []
+
+    def routes(self, namespace: str) -> list[reconcile.RouteRecord]:
+        return self._get(ROUTE_INDEX, namespace)
+
+    def credentials(self, namespace: str) -> list[reconcile.CredentialRecord]:
+        return self._get(CREDENTIAL_INDEX, namespace)
+
+    def workloads(self, namespace: str) -> list[Workload]:
+        return [w for index in WORKLOAD_INDEXES for w in self._get(index, namespace)]
+
+
+def config_map_body(record: reconcile.RouteRecord, rendered: render.Rendered) -> dict[str, Any]:
+    assert record.route is not None
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": record.route.config_map_name,
+            "namespace": record.namespace,
+            "labels": {MANAGED_BY_LABEL: MANAGED_BY, ROUTE_LABEL: record.name},
+            "annotations": {CONTENT_HASH_ANNOTATION: rendered.hash},
+            # Owned by the route: deleting the route garbage-collects it. No
+            # blockOwnerDeletion, which would need update rights on the route's finalizers.
+            "ownerReferences": [{
+                "apiVersion": API_VERSION, "kind": ROUTE_KIND, "name": record.name,
+                "uid": record.uid, "controller": True,
+            }],
+        },
+        "data": {render.CONFIG_FILE: rendered.text},
+    }
+
+
+class Controller:
+    def __init__(self, options: Options, kube: Kube | None = None) -> None:
+        self.options = options
+        self.kube = kube
+        self.server_version: tuple[int, int] | None = None
+        self.webhook_server: AdmissionServer | None = build_server(options)
+        self._locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self._config_hashes: dict[str, str] = {}  # route uid → content hash known to be in its ConfigMap
+        self._statuses: dict[str, dict[str, Any]] = {}  # route uid → the status last written
+        self._workloads: dict[tuple[str, str, str], Workload] = {}  # last seen, to drop no-op events
+
+    async def start(self) -> None:
+        if self.kube is None:
+            self.kube = Kube()
+        self.server_version = await self.kube.server_version()
+
+    def close(self) -> None:
+        if self.kube is not None:
+            self.kube.close()
+
+    @property
+    def reconcile_options(self) -> reconcile.Options:
+        return reconcile.Options(default_image=self.options.sidecar_image, server_version=self.server_version)
+
+    # ---------------------------------------------------------------- reconciling
+
+    def forget(self, uid: str) -> None:
+        """Drop caches of a route, so that the next sync re-reads its ConfigMap."""
+        self._config_hashes.pop(uid, None)
+        self._statuses.pop(uid, None)
+
+    def workload_changed(self, workload: Workload, deleted: bool) -> bool:
+        """Whether an event changed anything routing depends on (status-only updates don't)."""
+        key = (workload.kind, workload.namespace, workload.name)
+        if deleted:
+            self._workloads.pop(key, None)
+            return True
+        previous = self._workloads.get(key)
+        self._workloads[key] = workload
+        return previous != workload
+
+    async def sync(self, namespace: str, indexes: Indexes, trigger: str) -> reconcile.NamespacePlan:
+        assert self.kube is not None, "Controller.start() was not called"
+        async with self._locks[namespace]:
+            with metrics.reconciling(trigger):
+                plan = reconcile.plan_namespace(
+                    indexes.routes(namespace), indexes.credentials(namespace),
+                    indexes.workloads(namespace), self.reconcile_options)
+                for state in plan.states.values():
+                    await self._apply_config_map(state)
+                for patch in plan.workload_patches:
+                    await self._apply_workload(patch)
+                for name, status in plan.statuses.items():
+                    await self._apply_status(plan.states[name].record, status)
+        return plan
+
+    async def _apply_config_map(self, state: reconcile.RouteState) -> None:
+        record, rendered = state.record, state.rendered
+        if record.deleting or record.route is None or rendered is None:
+            return
+        if self._config_hashes.get(record.uid) == rendered.hash:
+            return
+        assert self.kube is not None
+        name = record.route.config_map_name
+        body = config_map_body(record, rendered)
+        current = await self.kube.read_config_map(record.namespace, name)
+        if current is None:
+            await self.kube.create_config_map(record.namespace, body)
+            metrics.WRITES.labels("ConfigMap", "create").inc()
+            logger.info("Created ConfigMap %s/%s for VertexRoute %s.", record.namespace, name, record.name)
+        elif not _config_map_matches(current, body):
+            if (current.get("metadata", {}).get("labels") or {}).get(MANAGED_BY_LABEL) != MANAGED_BY:
+                logger.warning("ConfigMap %s/%s exists but was not created by the operator; taking it over.",
+                               record.namespace, name)
+            patch = {"metadata": {k: body["metadata"][k] for k in ("labels", "annotations", "ownerReferences")},
+                     "data": body["data"]}
+            await self.kube.patch_config_map(record.namespace, name, patch)
+            metrics.WRITES.labels("ConfigMap", "update").inc()
+            logger.info("Updated ConfigMap %s/%s (hash %s); the sidecars reload it.",
+                        record.namespace, name, rendered.hash)
+        self._config_hashes[record.uid] = rendered.hash
+
+    async def _apply_workload(self, patch: reconcile.WorkloadPatch) -> None:
+        assert self.kube is not None
+        w = patch.workload
+        done = await self.kube.patch_template_annotations(w.kind, w.namespace, w.name, patch.annotations)
+        if done:
+            metrics.WRITES.labels(w.kind, patch.reason).inc()
+            logger.info("%s %s/%s: %s (pod template annotations %s); it rolls out new pods.",
+                        w.kind, w.namespace, w.name,
+                        "rolled back to no sidecar" if patch.reason == "rollback" else "sidecar configured",
+                        dict(patch.annotations))
+
+    async def _apply_status(self, record: reconcile.RouteRecord, desired: dict[str, Any]) -> None:
+        if cond.same_status(record.status, desired) or cond.same_status(self._statuses.get(record.uid), desired):
+            return
+        assert self.kube is not None
+        status = dict(desired)
+        status["conditions"] = cond.merge(record.status.get("conditions"), desired["conditions"])
+        # Merge patches keep keys they do not mention: clear the ones that went away.
+        for key in record.status:
+            if key not in status:
+                status[key] = None
+        if await self.kube.patch_route_status(record.namespace, record.name, status):
+            metrics.WRITES.labels(ROUTE_KIND, "status").inc()
+            self._statuses[record.uid] = {k: v for k, v in status.items() if v is not None}
+
+    # ---------------------------------------------------------------- admission
+
+    def admit(self, pod: Mapping[str, Any], namespace: str, indexes: Indexes) -> inject.Injection:
+        """Decide on one pod at creation: a JSON patch, or why none (and warnings)."""
+        if namespace in self.options.excluded_namespaces:
+            return inject.Injection(reason=f"namespace {namespace} is never injected")
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        active = [r for r in indexes.routes(namespace) if r.route is not None and not r.deleting]
+        chosen = selecting(active, labels)
+        if not chosen:
+            return inject.Injection(reason="no VertexRoute selects it")
+        state = reconcile.evaluate(chosen[0], indexes.credentials(namespace), self.reconcile_options,
+                                   with_config=False)
+        if state.plan is None:
+            assert state.blocked is not None
+            if inject.opted_out((pod.get("metadata") or {}).get("annotations")):
+                return inject.Injection(reason="opted out")
+            return inject.Injection(
+                reason=state.blocked[1],
+                warnings=[f"VertexRoute {chosen[0].name!r} selects this pod but cannot inject "
+                          f"its sidecar: {state.blocked[1]}"])
+        result = inject.inject(pod, state.plan)
+        if result.injected and len(chosen) > 1:
+            others = ", ".join(repr(r.name) for r in chosen[1:])
+            result.warnings.append(f"VertexRoute(s) {others} also select this pod; "
+                                   f"VertexRoute {chosen[0].name!r} (the oldest) was applied.")
+        return result
+
+
+def _config_map_matches(current: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    meta, want = current.get("metadata") or {}, desired["metadata"]
+    return (
+        (current.get("data") or {}) == desired["data"]
+        and all((meta.get("labels") or {}).get(k) == v for k, v in want["labels"].items())
+        and all((meta.get("annotations") or {}).get(k) == v for k, v in want["annotations"].items())
+        and any(ref.get("uid") == want["ownerReferences"][0]["uid"] for ref in meta.get("ownerReferences") or [])
+    )
+

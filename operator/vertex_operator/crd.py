@@ -1,0 +1,555 @@
+"""The custom resources: API names, and their specs parsed into dataclasses; pure.
+
+The CRD schemas in ``crds/`` already refuse most bad specs at the API server. Parsing
+here is still defensive (an older CRD, a schema gap, a test server that validates
+nothing) and raises `SpecError` naming the field, e.g. ``spec.defaults.location: ...``.
+Defaults that the schema cannot express (they depend on other fields or on the
+operator's own flags) are applied here too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Mapping
+
+from vertex_operator.selection import LabelSelector, SelectorError, parse_selector
+
+GROUP = "vertex.passthrough.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+ROUTE_KIND = "VertexRoute"
+ROUTE_PLURAL = "vertexroutes"
+CREDENTIAL_KIND = "VertexCredential"
+CREDENTIAL_PLURAL = "vertexcredentials"
+
+PREFIX = GROUP  # labels/annotations prefix
+CONFIG_HASH_ANNOTATION = f"{PREFIX}/config-hash"
+ROUTE_ANNOTATION = f"{PREFIX}/route"
+INJECT_ANNOTATION = f"{PREFIX}/inject"  # "false" opts a pod out of injection
+FINALIZER = f"{PREFIX}/finalizer"
+ROUTE_LABEL = f"{PREFIX}/route"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "vertex-operator"
+REMOVED_HASH = "none"  # config-hash value of a workload rolled back to no sidecar
+
+PROJECT_RE = re.compile(r"^(?:[a-z][a-z0-9-]{4,28}[a-z0-9]|[0-9]{1,20})$")
+LOCATION_RE = re.compile(r"^(?:global|us|eu|[a-z]+(?:-[a-z]+)+[0-9]+)$")
+DNS_LABEL_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
+DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?$")
+
+DEFAULT_PORT = 4000
+DEFAULT_ADMIN_PORT = 9464
+DEFAULT_TLS_PORT = 4443
+DEFAULT_RESOURCES: Mapping[str, Mapping[str, str]] = {
+    "requests": {"cpu": "50m", "memory": "64Mi"},
+    "limits": {"memory": "256Mi"},
+}
+
+NativeSidecar = Literal["auto", "true", "false"]
+RolloutStrategy = Literal["Workload", "None"]
+CredentialMode = Literal["workloadIdentity", "federation", "secretRef"]
+SidecarCredentialType = Literal["adc", "external_account_file", "service_account_file"]
+
+
+class SpecError(ValueError):
+    """A custom resource's spec is invalid; the message names the field."""
+
+
+# ------------------------------------------------------------------------ reading
+
+
+class _Fields:
+    """Typed, path-aware reads from one mapping of a resource body."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise SpecError(f"{path}: expected an object, got {type(data).__name__}")
+        self.data = data
+        self.path = path
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}"
+
+    def sub(self, key: str) -> "_Fields":
+        return _Fields(self.data.get(key), self.at(key))
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def string(self, key: str, default: str | None = None, *, pattern: re.Pattern[str] | None = None,
+               hint: str = "", required: bool = False) -> str | None:
+        value = self.data.get(key)
+        if value is None or value == "":
+            if required:
+                raise SpecError(f"{self.at(key)}: required{hint}")
+            return default
+        if not isinstance(value, str):
+            raise SpecError(f"{self.at(key)}: expected a string, got {value!r}")
+        if pattern is not None and not pattern.match(value):
+            raise SpecError(f"{self.at(key)}: {value!r} is not valid{hint}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.string(key, default)
+        assert value is not None
+        if value not in choices:
+            raise SpecError(f"{self.at(key)}: {value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def integer(self, key: str, default: int | None = None, *, low: int = 1,
+                high: int = 2**53) -> int | None:
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise SpecError(f"{self.at(key)}: expected an integer between {low} and {high}, got {value!r}")
+        return value
+
+    def number(self, key: str) -> float | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise SpecError(f"{self.at(key)}: expected a positive number of seconds, got {value!r}")
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise SpecError(f"{self.at(key)}: expected true or false, got {value!r}")
+        return value
+
+    def strings(self, key: str, *, pattern: re.Pattern[str] | None = None,
+                hint: str = "") -> tuple[str, ...] | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise SpecError(f"{self.at(key)}: expected a list of non-empty strings")
+        if not value:
+            raise SpecError(f"{self.at(key)}: must not be empty (omit it to use the default)")
+        for item in value:
+            if pattern is not None and not pattern.match(item):
+                raise SpecError(f"{self.at(key)}: {item!r} is not valid{hint}")
+        return tuple(value)
+
+    def string_map(self, key: str) -> dict[str, str] | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) and k and v for k, v in value.items()
+        ):
+            raise SpecError(f"{self.at(key)}: expected a mapping of strings to strings")
+        return dict(value)
+
+
+_LOCATION_HINT = " (a location such as us-central1, europe-west4, global, us or eu)"
+_PROJECT_HINT = " (a Google Cloud project id such as my-project, or a project number)"
+
+
+# -------------------------------------------------------------------------- route
+
+
+@dataclass(frozen=True)
+class Limits:
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_body_bytes: int | None = None
+
+    def over(self, base: "Limits") -> "Limits":
+        return Limits(
+            self.requests_per_minute or base.requests_per_minute,
+            self.tokens_per_minute or base.tokens_per_minute,
+            self.max_body_bytes or base.max_body_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect_seconds: float | None = None
+    first_byte_seconds: float | None = None
+    total_seconds: float | None = None
+
+    def over(self, base: "Timeouts") -> "Timeouts":
+        return Timeouts(
+            self.connect_seconds or base.connect_seconds,
+            self.first_byte_seconds or base.first_byte_seconds,
+            self.total_seconds or base.total_seconds,
+        )
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One policy rule; unset fields (None) inherit the route-level value."""
+
+    name: str
+    projects: tuple[str, ...] | None = None
+    locations: tuple[str, ...] | None = None
+    models: tuple[str, ...] | None = None
+    location: str | None = None  # default location for requests this rule serves
+    aliases: Mapping[str, str] | None = None
+    fallback_locations: tuple[str, ...] | None = None
+    quota_project: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    def over(self, base: "Rule") -> "Rule":
+        return Rule(
+            name=self.name,
+            projects=self.projects if self.projects is not None else base.projects,
+            locations=self.locations if self.locations is not None else base.locations,
+            models=self.models if self.models is not None else base.models,
+            location=self.location or base.location,
+            aliases=self.aliases if self.aliases is not None else base.aliases,
+            fallback_locations=(self.fallback_locations if self.fallback_locations is not None
+                                else base.fallback_locations),
+            quota_project=self.quota_project or base.quota_project,
+            limits=self.limits.over(base.limits),
+            timeouts=self.timeouts.over(base.timeouts),
+        )
+
+
+@dataclass(frozen=True)
+class Defaults:
+    project: str
+    location: str
+    api_version: str = "v1"
+
+
+@dataclass(frozen=True)
+class Tls:
+    enabled: bool = False
+    port: int = DEFAULT_TLS_PORT
+
+
+@dataclass(frozen=True)
+class SidecarSettings:
+    image: str | None = None  # None: the operator's --sidecar-image
+    image_pull_policy: str | None = None
+    port: int = DEFAULT_PORT
+    admin_port: int = DEFAULT_ADMIN_PORT
+    tls: Tls = field(default_factory=Tls)
+    resources: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: DEFAULT_RESOURCES)
+    native_sidecar: NativeSidecar = "auto"
+    rollout_strategy: RolloutStrategy = "Workload"
+
+
+@dataclass(frozen=True)
+class Route:
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    created: str  # metadata.creationTimestamp, RFC 3339 (sorts chronologically)
+    deleting: bool
+    selector: LabelSelector
+    credential_name: str
+    defaults: Defaults
+    base: Rule  # the route-level policy; also the only rule when spec.rules is empty
+    rules: tuple[Rule, ...]
+    sidecar: SidecarSettings
+    upstreams: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def config_map_name(self) -> str:
+        return config_map_name(self.name)
+
+    def effective_rules(self) -> tuple[Rule, ...]:
+        """The rules in order with route-level values filled in (first match wins)."""
+        base = replace(
+            self.base,
+            projects=self.base.projects or (self.defaults.project,),
+            locations=self.base.locations or ("*",),
+            models=self.base.models or ("*",),
+        )
+        if not self.rules:
+            return (base,)
+        return tuple(rule.over(base) for rule in self.rules)
+
+
+def config_map_name(route_name: str) -> str:
+    return f"vertex-sidecar-{route_name}"
+
+
+UPSTREAM_KEYS = {
+    "aiplatform": "aiplatform",
+    "aiplatformGlobal": "aiplatform_global",
+    "aiplatformMultiregion": "aiplatform_multiregion",
+    "discovery": "discovery",
+    "discoveryMultiregion": "discovery_multiregion",
+}
+_URL_RE = re.compile(r"^https?://[^/\s]+")
+_GLOB_RE = re.compile(r"^[A-Za-z0-9*?\[\]._@/:-]+$")
+_RULE_NAME_RE = DNS_LABEL_RE
+
+
+def _limits(f: _Fields) -> Limits:
+    return Limits(
+        requests_per_minute=f.integer("requestsPerMinute", high=10_000_000),
+        tokens_per_minute=f.integer("tokensPerMinute", high=10_000_000_000),
+        max_body_bytes=f.integer("maxBodyBytes", high=1 << 30),
+    )
+
+
+def _timeouts(f: _Fields) -> Timeouts:
+    return Timeouts(
+        connect_seconds=f.number("connectSeconds"),
+        first_byte_seconds=f.number("firstByteSeconds"),
+        total_seconds=f.number("totalSeconds"),
+    )
+
+
+def _rule(f: _Fields, name: str) -> Rule:
+    match = f.sub("match")
+    return Rule(
+        name=name,
+        projects=match.strings("projects", pattern=_GLOB_RE, hint=" (a project id or glob)"),
+        locations=match.strings("locations", pattern=_GLOB_RE, hint=" (a location or glob)"),
+        models=match.strings("models", pattern=_GLOB_RE, hint=" (a model name or glob)"),
+        location=f.string("location", pattern=LOCATION_RE, hint=_LOCATION_HINT),
+        aliases=f.string_map("aliases"),
+        fallback_locations=f.strings("fallbackLocations", pattern=LOCATION_RE, hint=_LOCATION_HINT),
+        quota_project=f.string("quotaProject", pattern=PROJECT_RE, hint=_PROJECT_HINT),
+        limits=_limits(f.sub("limits")),
+        timeouts=_timeouts(f.sub("timeouts")),
+    )
+
+
+def _resources(f: _Fields) -> Mapping[str, Mapping[str, str]]:
+    if not f.data:
+        return DEFAULT_RESOURCES
+    result: dict[str, dict[str, str]] = {}
+    for section in ("requests", "limits"):
+        values = f.sub(section).data
+        if values:
+            result[section] = {str(k): str(v) for k, v in values.items()}
+    return result
+
+
+def _sidecar(f: _Fields) -> SidecarSettings:
+    tls = f.sub("tls")
+    settings = SidecarSettings(
+        image=f.string("image"),
+        image_pull_policy=f.string("imagePullPolicy"),
+        port=f.integer("port", DEFAULT_PORT, low=1024, high=65535) or DEFAULT_PORT,
+        admin_port=f.integer("adminPort", DEFAULT_ADMIN_PORT, low=1024, high=65535) or DEFAULT_ADMIN_PORT,
+        tls=Tls(
+            enabled=tls.boolean("enabled", False),
+            port=tls.integer("port", DEFAULT_TLS_PORT, low=1024, high=65535) or DEFAULT_TLS_PORT,
+        ),
+        resources=_resources(f.sub("resources")),
+        native_sidecar=f.choice("nativeSidecar", ("auto", "true", "false"), "auto"),  # type: ignore[arg-type]
+        rollout_strategy=f.choice("rolloutStrategy", ("Workload", "None"), "Workload"),  # type: ignore[arg-type]
+    )
+    if settings.image_pull_policy not in (None, "Always", "IfNotPresent", "Never"):
+        raise SpecError(f"{f.at('imagePullPolicy')}: must be Always, IfNotPresent or Never")
+    ports = [settings.port, settings.admin_port] + ([settings.tls.port] if settings.tls.enabled else [])
+    if len(set(ports)) != len(ports):
+        raise SpecError(f"{f.path}: port, adminPort and tls.port must all differ (got {ports})")
+    return settings
+
+
+def _meta(body: Mapping[str, Any]) -> tuple[str, str, str, int, str, bool]:
+    meta = body.get("metadata") or {}
+    return (
+        meta.get("namespace") or "",
+        meta.get("name") or "",
+        meta.get("uid") or "",
+        int(meta.get("generation") or 0),
+        meta.get("creationTimestamp") or "",
+        bool(meta.get("deletionTimestamp")),
+    )
+
+
+def parse_route(body: Mapping[str, Any]) -> Route:
+    """Parse a VertexRoute object (as the API returns it); raises `SpecError`."""
+    namespace, name, uid, generation, created, deleting = _meta(body)
+    spec = _Fields(body.get("spec"), "spec")
+    try:
+        selector = parse_selector(spec.data.get("workloadSelector"), "spec.workloadSelector")
+    except SelectorError as exc:
+        raise SpecError(str(exc)) from None
+    if not spec.has("workloadSelector") or selector.empty:
+        raise SpecError("spec.workloadSelector: required, with matchLabels or matchExpressions "
+                        "(an empty selector would select every pod in the namespace)")
+    credential = spec.sub("credentialRef").string(
+        "name", required=True, pattern=DNS_SUBDOMAIN_RE, hint=" (the name of a VertexCredential in this namespace)")
+    assert credential is not None
+    d = spec.sub("defaults")
+    defaults = Defaults(
+        project=d.string("project", required=True, pattern=PROJECT_RE, hint=_PROJECT_HINT) or "",
+        location=d.string("location", required=True, pattern=LOCATION_RE, hint=_LOCATION_HINT) or "",
+        api_version=d.choice("apiVersion", ("v1", "v1beta1"), "v1"),
+    )
+    rules_raw = spec.data.get("rules") or []
+    if not isinstance(rules_raw, list):
+        raise SpecError("spec.rules: expected a list of rules")
+    rules: list[Rule] = []
+    for i, item in enumerate(rules_raw):
+        rf = _Fields(item, f"spec.rules[{i}]")
+        rule_name = rf.string("name", required=True, pattern=_RULE_NAME_RE,
+                              hint=" (lowercase letters, digits and '-', at most 63)")
+        assert rule_name is not None
+        rules.append(_rule(rf, rule_name))
+    names = [r.name for r in rules]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SpecError(f"spec.rules: duplicate rule name(s) {', '.join(duplicates)}")
+    upstreams_f = spec.sub("upstreams")
+    upstreams: dict[str, str] = {}
+    for key in UPSTREAM_KEYS:
+        url = upstreams_f.string(key, pattern=_URL_RE, hint=" (an http(s) URL)")
+        if url:
+            upstreams[key] = url
+    unknown = sorted(set(upstreams_f.data) - set(UPSTREAM_KEYS))
+    if unknown:
+        raise SpecError(f"spec.upstreams: unknown key(s) {', '.join(unknown)}")
+    return Route(
+        namespace=namespace,
+        name=name,
+        uid=uid,
+        generation=generation,
+        created=created,
+        deleting=deleting,
+        selector=selector,
+        credential_name=credential,
+        defaults=defaults,
+        base=_rule(spec, name),
+        rules=tuple(rules),
+        sidecar=_sidecar(spec.sub("sidecar")),
+        upstreams=upstreams,
+    )
+
+
+# --------------------------------------------------------------------- credential
+
+
+@dataclass(frozen=True)
+class WorkloadIdentity:
+    project_id: str
+    project_number: str | None = None
+    gcp_service_account: str | None = None
+
+
+@dataclass(frozen=True)
+class Federation:
+    audience: str
+    config_map_name: str
+    config_map_key: str = "credential-configuration.json"
+    token_expiration_seconds: int = 3600
+
+
+@dataclass(frozen=True)
+class SecretKey:
+    secret_name: str
+    key: str = "key.json"
+
+
+@dataclass(frozen=True)
+class Credential:
+    """What a route needs of a VertexCredential: identity, how to mount it, readiness."""
+
+    namespace: str
+    name: str
+    generation: int
+    service_account_name: str
+    mode: CredentialMode
+    workload_identity: WorkloadIdentity | None = None
+    federation: Federation | None = None
+    secret: SecretKey | None = None
+    binding_backend: str = "manual"
+    ready: bool = False
+    ready_reason: str = ""
+    ready_message: str = ""
+
+    @property
+    def sidecar_type(self) -> SidecarCredentialType:
+        """The sidecar credential type this mode maps to."""
+        if self.mode == "federation":
+            return "external_account_file"
+        if self.mode == "secretRef":
+            return "service_account_file"
+        return "adc"  # Workload Identity: the GKE metadata server serves the token
+
+    def identity(self) -> dict[str, Any]:
+        """The parts that pods depend on (a change needs new pods); hashed by `inject`."""
+        return {
+            "serviceAccountName": self.service_account_name,
+            "mode": self.mode,
+            "federation": None if self.federation is None else [
+                self.federation.audience, self.federation.config_map_name,
+                self.federation.config_map_key, self.federation.token_expiration_seconds],
+            "secret": None if self.secret is None else [self.secret.secret_name, self.secret.key],
+        }
+
+
+_GSA_RE = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]@[a-z0-9.-]+\.gserviceaccount\.com$")
+_CM_KEY_RE = re.compile(r"^[-._a-zA-Z0-9]+$")
+
+
+def _readiness(body: Mapping[str, Any], generation: int) -> tuple[bool, str, str]:
+    status = body.get("status") or {}
+    conditions = status.get("conditions") or []
+    ready = next((c for c in conditions if isinstance(c, Mapping) and c.get("type") == "Ready"), None)
+    if ready is None:
+        return False, "NoStatusYet", "has no status yet (its controller has not processed it)"
+    observed = ready.get("observedGeneration") or status.get("observedGeneration")
+    if observed is not None and generation and int(observed) < generation:
+        return False, "StatusOutdated", "was changed and is not reconciled yet"
+    if ready.get("status") == "True":
+        return True, ready.get("reason") or "Ready", ready.get("message") or ""
+    reason = ready.get("reason") or "NotReady"
+    message = ready.get("message") or "is not Ready"
+    return False, reason, f"is not Ready ({reason}): {message}"
+
+
+def parse_credential(body: Mapping[str, Any]) -> Credential:
+    """Parse a VertexCredential object; raises `SpecError`."""
+    namespace, name, _uid, generation, _created, _deleting = _meta(body)
+    spec = _Fields(body.get("spec"), "spec")
+    modes = [m for m in ("workloadIdentity", "federation", "secretRef") if spec.has(m)]
+    if len(modes) != 1:
+        raise SpecError("spec: set exactly one of workloadIdentity, federation, secretRef "
+                        f"(found {', '.join(modes) or 'none'})")
+    mode: CredentialMode = modes[0]  # type: ignore[assignment]
+    ksa = spec.string("serviceAccountName", name, pattern=DNS_SUBDOMAIN_RE,
+                      hint=" (a Kubernetes service account name)")
+    assert ksa is not None
+    wi = fed = secret = None
+    if mode == "workloadIdentity":
+        f = spec.sub("workloadIdentity")
+        wi = WorkloadIdentity(
+            project_id=f.string("projectId", required=True, pattern=PROJECT_RE, hint=_PROJECT_HINT) or "",
+            project_number=f.string("projectNumber", pattern=re.compile(r"^[0-9]{1,20}$"),
+                                    hint=" (digits only)"),
+            gcp_service_account=f.string("gcpServiceAccount", pattern=_GSA_RE,
+                                         hint=" (a Google service account email)"),
+        )
+    elif mode == "federation":
+        f = spec.sub("federation")
+        cc = f.sub("credentialConfig")
+        fed = Federation(
+            audience=f.string("audience", required=True) or "",
+            config_map_name=cc.string("configMapName", required=True, pattern=DNS_SUBDOMAIN_RE) or "",
+            config_map_key=cc.string("key", "credential-configuration.json", pattern=_CM_KEY_RE) or "",
+            token_expiration_seconds=f.integer("tokenExpirationSeconds", 3600, low=600, high=86400) or 3600,
+        )
+    else:
+        f = spec.sub("secretRef")
+        secret = SecretKey(
+            secret_name=f.string("name", required=True, pattern=DNS_SUBDOMAIN_RE) or "",
+            key=f.string("key", "key.json", pattern=_CM_KEY_RE) or "key.json",
+        )
+    backend = spec.sub("binding").choice("backend", ("iamApi", "configConnector", "manual"), "manual")
+    ready, reason, message = _readiness(body, generation)
+    return Credential(
+        namespace=namespace, name=name, generation=generation, service_account_name=ksa, mode=mode,
+        workload_identity=wi, federation=fed, secret=secret, binding_backend=backend,
+        ready=ready, ready_reason=reason, ready_message=message,
+    )

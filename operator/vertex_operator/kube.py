@@ -1,0 +1,120 @@
+"""The operator's own writes to the cluster, through the official `kubernetes` client.
+
+kopf does the watching; this module does the few reads and writes that are not a
+handler's own patch: ConfigMaps, pod-template annotations of workloads, route status.
+The client is synchronous, so every call runs in a worker thread. Objects go in and
+come out as plain dicts (no generated models), and patches are sent explicitly as
+JSON merge patches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+from typing import Any, Callable, Mapping
+
+import kubernetes.client
+import kubernetes.config
+from kubernetes.client.exceptions import ApiException
+
+from vertex_operator import __version__
+from vertex_operator.crd import GROUP, ROUTE_PLURAL, VERSION
+
+logger = logging.getLogger(__name__)
+
+MERGE_PATCH = "application/merge-patch+json"
+USER_AGENT = f"vertex-operator/{__version__}"
+
+WORKLOAD_PATCHERS = {
+    "Deployment": "patch_namespaced_deployment",
+    "StatefulSet": "patch_namespaced_stateful_set",
+    "DaemonSet": "patch_namespaced_daemon_set",
+}
+
+
+def load_configuration() -> kubernetes.client.Configuration:
+    """In-cluster service account first, then KUBECONFIG / ~/.kube/config."""
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    except kubernetes.config.ConfigException:
+        # The client reads KUBECONFIG when it is imported; read it now, at startup.
+        path = os.environ.get("KUBECONFIG")
+        single = path if path and os.pathsep not in path else None
+        kubernetes.config.load_kube_config(config_file=single, client_configuration=configuration)
+    return configuration
+
+
+class Kube:
+    def __init__(self, configuration: kubernetes.client.Configuration | None = None) -> None:
+        self.api_client = kubernetes.client.ApiClient(configuration or load_configuration())
+        # A distinct user agent keeps the operator's requests apart in audit logs (and tests).
+        self.api_client.user_agent = USER_AGENT
+        self.core = kubernetes.client.CoreV1Api(self.api_client)
+        self.apps = kubernetes.client.AppsV1Api(self.api_client)
+        self.custom = kubernetes.client.CustomObjectsApi(self.api_client)
+        self.version = kubernetes.client.VersionApi(self.api_client)
+
+    def close(self) -> None:
+        self.api_client.close()
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # Raw JSON instead of generated models: what we read, we compare and patch as dicts.
+        response = await asyncio.to_thread(fn, *args, _preload_content=False, **kwargs)
+        data = response.data
+        return json.loads(data) if data else None
+
+    async def server_version(self) -> tuple[int, int] | None:
+        try:
+            info = await self._call(self.version.get_code)
+            return int(info["major"]), int(re.sub(r"\D.*$", "", str(info["minor"])))
+        except (ApiException, KeyError, ValueError, TypeError) as exc:
+            logger.warning("Cannot read the Kubernetes version (%s); nativeSidecar: auto means off.", exc)
+            return None
+
+    # ------------------------------------------------------------------ configmaps
+
+    async def read_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self._call(self.core.read_namespaced_config_map, name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def create_config_map(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        return await self._call(self.core.create_namespaced_config_map, namespace, dict(body))
+
+    async def patch_config_map(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        return await self._call(self.core.patch_namespaced_config_map, name, namespace, dict(patch),
+                                _content_type=MERGE_PATCH)
+
+    # ------------------------------------------------------------------ workloads
+
+    async def patch_template_annotations(self, kind: str, namespace: str, name: str,
+                                         annotations: Mapping[str, str | None]) -> bool:
+        """Merge-patch the pod template's annotations; False if the workload is gone."""
+        patch = {"spec": {"template": {"metadata": {"annotations": dict(annotations)}}}}
+        fn = getattr(self.apps, WORKLOAD_PATCHERS[kind])
+        try:
+            await self._call(fn, name, namespace, patch, _content_type=MERGE_PATCH)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    # ------------------------------------------------------------------ custom resources
+
+    async def patch_route_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> bool:
+        try:
+            await self._call(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace,
+                             ROUTE_PLURAL, name, {"status": dict(status)}, _content_type=MERGE_PATCH)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise

@@ -1,0 +1,40 @@
+"""The operator's own settings (from the command line), one frozen dataclass."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from vertex_operator import __version__
+
+DEFAULT_SIDECAR_IMAGE = os.environ.get("VERTEX_SIDECAR_IMAGE") or f"vertex-passthrough-sidecar:{__version__}"
+SYSTEM_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"})
+
+
+@dataclass(frozen=True)
+class Options:
+    clusterwide: bool = True
+    namespaces: tuple[str, ...] = ()
+    standalone: bool | None = None
+    liveness: str | None = None
+    sidecar_image: str = DEFAULT_SIDECAR_IMAGE
+    # Never injected: the system namespaces and the operator's own (a broken operator
+    # must not be able to block its own pods through its webhook).
+    operator_namespace: str | None = None
+    metrics_addr: str = "0.0.0.0"
+    metrics_port: int | None = 8081  # None: no metrics endpoint
+    webhook: bool = True
+    webhook_addr: str = "0.0.0.0"
+    webhook_port: int | None = 9443  # None: a free port (tests)
+    webhook_host: str | None = None
+    webhook_cert: str | None = None
+    webhook_key: str | None = None
+    webhook_ca: str | None = None
+    webhook_managed: str | None = None  # let kopf own a MutatingWebhookConfiguration of this name
+    resync_seconds: float = 300.0
+    extra_excluded_namespaces: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def excluded_namespaces(self) -> frozenset[str]:
+        own = {self.operator_namespace} if self.operator_namespace else set()
+        return SYSTEM_NAMESPACES | own | self.extra_excluded_namespaces

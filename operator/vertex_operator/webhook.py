@@ -1,0 +1,59 @@
+"""The admission webhook server: kopf's HTTPS server with two additions.
+
+* The API server may leave `metadata.namespace` empty in the object of a Pod CREATE
+  review (pods of ReplicaSets are named and placed only later); the review's own
+  `request.namespace` is authoritative, so it is copied into the object first.
+* The URL actually served is recorded (and signalled across threads), so that tests and
+  logs know the port when it was chosen by the OS.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, AsyncIterator
+
+import kopf
+
+from vertex_operator.options import Options
+
+
+def fill_namespace(review: dict[str, Any]) -> None:
+    request = review.get("request")
+    if not isinstance(request, dict):
+        return
+    namespace = request.get("namespace")
+    obj = request.get("object")
+    if namespace and isinstance(obj, dict):
+        meta = obj.setdefault("metadata", {})
+        if isinstance(meta, dict) and not meta.get("namespace"):
+            meta["namespace"] = namespace
+
+
+class AdmissionServer(kopf.WebhookServer):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.url: str | None = None
+        self.ready = threading.Event()
+
+    async def __call__(self, fn: Any) -> AsyncIterator[Any]:  # type: ignore[override]
+        async def with_namespace(request: dict[str, Any], **kwargs: Any) -> Any:
+            fill_namespace(request)
+            return await fn(request, **kwargs)
+
+        async for client_config in super().__call__(with_namespace):
+            self.url = client_config.get("url")
+            self.ready.set()
+            yield client_config
+
+
+def build_server(options: Options) -> AdmissionServer | None:
+    if not options.webhook:
+        return None
+    return AdmissionServer(
+        addr=options.webhook_addr,
+        port=options.webhook_port,
+        host=options.webhook_host,
+        certfile=options.webhook_cert,
+        pkeyfile=options.webhook_key,
+        cafile=options.webhook_ca,
+    )

@@ -1,0 +1,275 @@
+"""`inject`: pod → JSON patch, checked by applying the patch and looking at the pod."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import jsonpatch
+import pytest
+
+from tests.operator import objects as o
+from vertex_operator import inject
+from vertex_operator.crd import parse_credential, parse_route
+
+IMAGE = "registry.test/vertex-sidecar:1"
+
+
+def make_plan(route_extra: dict[str, Any] | None = None, credential_spec: dict[str, Any] | None = None,
+              server_version: tuple[int, int] | None = (1, 31)) -> inject.SidecarPlan:
+    route = parse_route(o.route(**(route_extra or {})))
+    credential = parse_credential(o.credential(**(credential_spec or {})))
+    return inject.plan_sidecar(route, credential, default_image=IMAGE, server_version=server_version)
+
+
+def make_pod(**spec: Any) -> dict[str, Any]:
+    pod_spec: dict[str, Any] = {"containers": [{"name": "app", "image": "app:1"}]}
+    pod_spec.update(spec)
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": "chat-", "namespace": o.NS, "labels": {"app": "chat"}},
+            "spec": pod_spec}
+
+
+def apply(pod: dict[str, Any], plan: inject.SidecarPlan) -> dict[str, Any]:
+    result = inject.inject(pod, plan)
+    assert result.injected, result.reason
+    return jsonpatch.apply_patch(copy.deepcopy(pod), result.patch)
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env") or []}
+
+
+def sidecar_of(pod: dict[str, Any]) -> dict[str, Any]:
+    found = [c for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+             if c["name"] == "vertex-sidecar"]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_native_sidecar_full_pod() -> None:
+    pod = apply(make_pod(), make_plan())
+    assert pod["metadata"]["annotations"] == {"vertex.passthrough.dev/route": "gemini"}
+    assert pod["spec"]["serviceAccountName"] == "vertex"
+    assert [c["name"] for c in pod["spec"]["initContainers"]] == ["vertex-sidecar"]
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["app"]
+    sidecar = pod["spec"]["initContainers"][0]
+    assert sidecar == {
+        "name": "vertex-sidecar",
+        "image": IMAGE,
+        "command": ["vertex-sidecar", "--config", "/etc/vertex-sidecar/config.yaml"],
+        "ports": [{"name": "vertex-admin", "containerPort": 9464, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+            "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False, "privileged": False,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "startupProbe": {"httpGet": {"path": "/healthz", "port": 9464}, "periodSeconds": 1,
+                         "timeoutSeconds": 1, "failureThreshold": 60},
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": 9464}, "periodSeconds": 5,
+                           "timeoutSeconds": 2, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": 9464}, "periodSeconds": 10,
+                          "timeoutSeconds": 2, "failureThreshold": 3},
+        "volumeMounts": [
+            {"name": "vertex-sidecar-config", "mountPath": "/etc/vertex-sidecar", "readOnly": True},
+            {"name": "vertex-sidecar-tmp", "mountPath": "/tmp"},
+        ],
+        "restartPolicy": "Always",
+    }
+    assert pod["spec"]["volumes"] == [
+        {"name": "vertex-sidecar-config", "configMap": {"name": "vertex-sidecar-gemini"}},
+        {"name": "vertex-sidecar-tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+    ]
+    assert env_of(pod["spec"]["containers"][0]) == {
+        "GOOGLE_VERTEX_BASE_URL": "http://127.0.0.1:4000/vertex_ai",
+        "GOOGLE_GENAI_USE_VERTEXAI": "true",
+        "GOOGLE_CLOUD_PROJECT": "my-project",
+        "GOOGLE_CLOUD_LOCATION": "europe-west4",
+    }
+
+
+def test_regular_container_when_not_native() -> None:
+    plan = make_plan({"sidecar": {"nativeSidecar": "false"}})
+    pod = apply(make_pod(), plan)
+    assert "initContainers" not in pod["spec"]
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["app", "vertex-sidecar"]
+    assert "restartPolicy" not in pod["spec"]["containers"][1]
+    assert env_of(pod["spec"]["containers"][0])["GOOGLE_GENAI_USE_VERTEXAI"] == "true"
+    assert "env" not in pod["spec"]["containers"][1]  # the sidecar itself gets no app env
+
+
+@pytest.mark.parametrize(("setting", "version", "native"), [
+    ("auto", (1, 29), True), ("auto", (1, 33), True), ("auto", (1, 28), False), ("auto", None, False),
+    ("true", (1, 27), True), ("false", (1, 33), False),
+])
+def test_native_resolution(setting: str, version: tuple[int, int] | None, native: bool) -> None:
+    assert inject.resolve_native(setting, version) is native
+    plan = make_plan({"sidecar": {"nativeSidecar": setting}}, server_version=version)
+    assert plan.native is native
+
+
+def test_native_sidecar_goes_first_and_init_containers_get_env() -> None:
+    pod = apply(make_pod(initContainers=[{"name": "migrate", "image": "m:1"}]), make_plan())
+    assert [c["name"] for c in pod["spec"]["initContainers"]] == ["vertex-sidecar", "migrate"]
+    assert env_of(pod["spec"]["initContainers"][1])["GOOGLE_CLOUD_PROJECT"] == "my-project"
+
+
+def test_regular_sidecar_leaves_init_containers_alone() -> None:
+    plan = make_plan({"sidecar": {"nativeSidecar": "false"}})
+    pod = apply(make_pod(initContainers=[{"name": "migrate", "image": "m:1"}]), plan)
+    assert pod["spec"]["initContainers"] == [{"name": "migrate", "image": "m:1"}]
+
+
+def test_env_set_by_the_container_wins_and_other_env_is_kept() -> None:
+    container = {"name": "app", "image": "app:1", "env": [
+        {"name": "GOOGLE_CLOUD_LOCATION", "value": "us-east4"},
+        {"name": "GOOGLE_CLOUD_PROJECT", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "p"}}},
+        {"name": "OTHER", "value": "1"},
+    ]}
+    pod = apply(make_pod(containers=[container, {"name": "second", "image": "s:1"}]), make_plan())
+    first, second = pod["spec"]["containers"]
+    assert [e["name"] for e in first["env"]] == [
+        "GOOGLE_CLOUD_LOCATION", "GOOGLE_CLOUD_PROJECT", "OTHER",
+        "GOOGLE_VERTEX_BASE_URL", "GOOGLE_GENAI_USE_VERTEXAI"]
+    assert env_of(first)["GOOGLE_CLOUD_LOCATION"] == "us-east4"
+    assert first["env"][1]["valueFrom"] == {"configMapKeyRef": {"name": "c", "key": "p"}}
+    assert env_of(second)["GOOGLE_CLOUD_LOCATION"] == "europe-west4"
+
+
+def test_idempotent_on_a_pod_that_has_the_sidecar() -> None:
+    plan = make_plan()
+    once = apply(make_pod(), plan)
+    again = inject.inject(once, plan)
+    assert not again.injected and again.reason == "the pod already has the sidecar" and not again.warnings
+
+
+def test_opt_out_annotation() -> None:
+    pod = make_pod()
+    pod["metadata"]["annotations"] = {"vertex.passthrough.dev/inject": "false"}
+    result = inject.inject(pod, make_plan())
+    assert not result.injected and "opted out" in result.reason and not result.warnings
+
+
+def test_host_network_is_refused_with_a_warning() -> None:
+    result = inject.inject(make_pod(hostNetwork=True), make_plan())
+    assert not result.injected
+    assert len(result.warnings) == 1
+    assert "hostNetwork" in result.warnings[0] and "Workload Identity" in result.warnings[0]
+    assert "gemini" in result.warnings[0]
+
+
+def test_own_service_account_conflicts_with_workload_identity() -> None:
+    result = inject.inject(make_pod(serviceAccountName="app-sa"), make_plan())
+    assert not result.injected
+    assert "'app-sa'" in result.warnings[0] and "'vertex'" in result.warnings[0]
+
+
+def test_own_service_account_is_kept_with_a_key_secret() -> None:
+    plan = make_plan(credential_spec={"secretRef": {"name": "vertex-key"}})
+    pod = apply(make_pod(serviceAccountName="app-sa"), plan)
+    assert pod["spec"]["serviceAccountName"] == "app-sa"
+
+
+@pytest.mark.parametrize("own", [None, "default", "vertex"])
+def test_service_account_is_set(own: str | None) -> None:
+    spec = {} if own is None else {"serviceAccountName": own, "serviceAccount": own}
+    pod = apply(make_pod(**spec), make_plan())
+    assert pod["spec"]["serviceAccountName"] == "vertex"
+    if own is not None:
+        assert pod["spec"]["serviceAccount"] == "vertex"
+
+
+def test_same_named_volume_is_refused() -> None:
+    pod = make_pod(volumes=[{"name": "vertex-sidecar-config", "emptyDir": {}}])
+    result = inject.inject(pod, make_plan())
+    assert not result.injected and "vertex-sidecar-config" in result.warnings[0]
+
+
+def test_existing_annotations_and_volumes_are_extended() -> None:
+    pod = make_pod(volumes=[{"name": "data", "emptyDir": {}}])
+    pod["metadata"]["annotations"] = {"team": "a"}
+    out = apply(pod, make_plan())
+    assert out["metadata"]["annotations"] == {"team": "a", "vertex.passthrough.dev/route": "gemini"}
+    assert [v["name"] for v in out["spec"]["volumes"]] == ["data", "vertex-sidecar-config", "vertex-sidecar-tmp"]
+
+
+def test_federation_mounts_token_and_credential_config() -> None:
+    plan = make_plan(credential_spec={"federation": {
+        "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/k8s",
+        "credentialConfig": {"configMapName": "wif-config"}, "tokenExpirationSeconds": 7200}})
+    pod = apply(make_pod(), plan)
+    volume = pod["spec"]["volumes"][-1]
+    assert volume == {"name": "vertex-federation", "projected": {"defaultMode": 0o444, "sources": [
+        {"serviceAccountToken": {
+            "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/k8s",
+            "expirationSeconds": 7200, "path": "token"}},
+        {"configMap": {"name": "wif-config", "items": [
+            {"key": "credential-configuration.json", "path": "credential-configuration.json"}]}},
+    ]}}
+    assert {"name": "vertex-federation", "mountPath": "/var/run/secrets/vertex/federation",
+            "readOnly": True} in sidecar_of(pod)["volumeMounts"]
+    assert pod["spec"]["serviceAccountName"] == "vertex"
+
+
+def test_key_secret_is_mounted() -> None:
+    plan = make_plan(credential_spec={"secretRef": {"name": "vertex-key", "key": "sa.json"}})
+    pod = apply(make_pod(), plan)
+    assert pod["spec"]["volumes"][-1] == {"name": "vertex-credential-key", "secret": {
+        "secretName": "vertex-key", "items": [{"key": "sa.json", "path": "key.json"}], "defaultMode": 0o444}}
+    assert {"name": "vertex-credential-key", "mountPath": "/var/run/secrets/vertex/key",
+            "readOnly": True} in sidecar_of(pod)["volumeMounts"]
+
+
+def test_tls_shares_the_ca_bundle_with_app_containers() -> None:
+    plan = make_plan({"sidecar": {"tls": {"enabled": True, "port": 4443}}})
+    container = {"name": "app", "image": "app:1", "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                 "env": [{"name": "SSL_CERT_FILE", "value": "/own/ca.pem"}]}
+    pod = apply(make_pod(containers=[container, {"name": "b", "image": "b:1"}],
+                         volumes=[{"name": "data", "emptyDir": {}}]), plan)
+    assert {"name": "vertex-sidecar-tls", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}} in pod["spec"]["volumes"]
+    first, second = pod["spec"]["containers"]
+    tls_mount = {"name": "vertex-sidecar-tls", "mountPath": "/var/run/vertex-sidecar/tls", "readOnly": True}
+    assert first["volumeMounts"] == [{"name": "data", "mountPath": "/data"}, tls_mount]
+    assert second["volumeMounts"] == [tls_mount]
+    assert env_of(first)["SSL_CERT_FILE"] == "/own/ca.pem"
+    assert env_of(second)["SSL_CERT_FILE"] == "/var/run/vertex-sidecar/tls/ca.crt"
+    assert env_of(second)["GOOGLE_VERTEX_BASE_URL"] == "https://localhost:4443/vertex_ai"
+    assert {"name": "vertex-sidecar-tls", "mountPath": "/var/run/vertex-sidecar/tls"} in sidecar_of(pod)["volumeMounts"]
+
+
+def test_custom_ports_image_and_resources() -> None:
+    plan = make_plan({"sidecar": {"image": "own:2", "imagePullPolicy": "Always", "port": 5000,
+                                  "adminPort": 9500, "resources": {"limits": {"memory": "1Gi", "cpu": 1}}}})
+    pod = apply(make_pod(), plan)
+    sidecar = sidecar_of(pod)
+    assert sidecar["image"] == "own:2" and sidecar["imagePullPolicy"] == "Always"
+    assert sidecar["resources"] == {"limits": {"memory": "1Gi", "cpu": "1"}}
+    assert sidecar["readinessProbe"]["httpGet"]["port"] == 9500
+    assert env_of(pod["spec"]["containers"][0])["GOOGLE_VERTEX_BASE_URL"] == "http://127.0.0.1:5000/vertex_ai"
+
+
+def test_annotation_keys_are_escaped_in_json_pointers() -> None:
+    result = inject.inject({**make_pod(), "metadata": {"annotations": {"a": "b"}}}, make_plan())
+    assert result.patch[0]["path"] == "/metadata/annotations/vertex.passthrough.dev~1route"
+
+
+def test_config_hash_tracks_what_needs_new_pods_only() -> None:
+    base = make_plan()
+    assert base.config_hash == make_plan().config_hash
+    # Policy is hot-reloaded: no new pods.
+    assert make_plan({"match": {"models": ["claude-*"]}, "limits": {"requestsPerMinute": 5}}).config_hash == base.config_hash
+    changed = [
+        make_plan({"sidecar": {"image": "other:1"}}),
+        make_plan({"sidecar": {"port": 4001}}),
+        make_plan({"sidecar": {"tls": {"enabled": True}}}),
+        make_plan({"defaults": {"project": "other-project", "location": "europe-west4"}}),
+        make_plan(credential_spec={"secretRef": {"name": "k"}}),
+        make_plan(credential_spec={"serviceAccountName": "other",
+                                   "workloadIdentity": {"projectId": "my-project", "projectNumber": "1"}}),
+        dataclasses.replace(base, route_name="other"),
+    ]
+    assert len({p.config_hash for p in changed} | {base.config_hash}) == len(changed) + 1
+    # The cluster version alone does not restart workloads.
+    assert make_plan(server_version=(1, 28)).config_hash == base.config_hash

@@ -1,0 +1,196 @@
+"""The injection webhook: real AdmissionReview v1 requests, over TLS, to the operator's server."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import ssl
+import uuid
+from typing import Any
+
+import aiohttp
+import jsonpatch
+import pytest
+
+from tests.operator import objects as o
+from tests.operator.conftest import Cluster, OperatorThread, eventually
+from tests.operator.harness import KubeEmulator
+
+PATH = "/inject-vertex-sidecar"
+
+
+def review(pod: dict[str, Any], namespace: str = o.NS, dry_run: bool = False) -> dict[str, Any]:
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": str(uuid.uuid4()),
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "name": "", "namespace": namespace, "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller",
+                         "uid": "u", "groups": ["system:serviceaccounts"]},
+            "object": pod, "oldObject": None, "dryRun": dry_run,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        },
+    }
+
+
+def pod(labels: dict[str, str] | None = None, namespace: str | None = None, **spec: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {"generateName": "chat-7d9f-", "labels": labels or {"app": "chat"}}
+    if namespace:
+        meta["namespace"] = namespace
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
+            "spec": {"containers": [{"name": "app", "image": "app:1"}], **spec}}
+
+
+class Admission:
+    def __init__(self, operator: OperatorThread, ca: str) -> None:
+        self.url = operator.webhook_url + PATH
+        self.ssl = ssl.create_default_context(cafile=ca)
+
+    async def post(self, body: dict[str, Any]) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(self.url, json=body, ssl=self.ssl) as response:
+                assert response.status == 200, await response.text()
+                return await response.json()
+
+    async def admit(self, obj: dict[str, Any], namespace: str = o.NS) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The pod as the API server would store it, and the review response."""
+        request = review(obj, namespace)
+        answer = (await self.post(request))["response"]
+        assert answer["uid"] == request["request"]["uid"]
+        assert answer["allowed"] is True
+        result = copy.deepcopy(obj)
+        if "patch" in answer:
+            assert answer["patchType"] == "JSONPatch"
+            ops = json.loads(base64.b64decode(answer["patch"]))
+            result = jsonpatch.apply_patch(result, ops)
+        return result, answer
+
+
+@pytest.fixture()
+async def admission(operator: OperatorThread, tls_files: dict[str, Any]) -> Admission:
+    return Admission(operator, str(tls_files["ca"]))
+
+
+async def route_ready(cluster: Cluster, name: str = "gemini", ns: str = o.NS) -> None:
+    async def check() -> bool:
+        route = await cluster.get("VertexRoute", ns, name)
+        return bool(route and route.get("status", {}).get("configHash"))
+    await eventually(check)
+
+
+async def arrange(cluster: Cluster, ns: str = o.NS, **route_extra: Any) -> None:
+    await cluster.create(o.namespace(ns))
+    await cluster.create(o.credential(ns=ns))
+    await cluster.create(o.route(ns=ns, **route_extra))
+    await route_ready(cluster, ns=ns)
+
+
+def names(containers: list[dict[str, Any]]) -> list[str]:
+    return [c["name"] for c in containers]
+
+
+async def test_selected_pod_gets_the_sidecar(cluster: Cluster, admission: Admission) -> None:
+    await arrange(cluster)
+    result, answer = await admission.admit(pod())
+    assert "warnings" not in answer
+    assert names(result["spec"]["initContainers"]) == ["vertex-sidecar"]
+    sidecar = result["spec"]["initContainers"][0]
+    assert sidecar["restartPolicy"] == "Always"  # the emulated cluster reports 1.31
+    assert sidecar["image"] == "registry.test/vertex-sidecar:test"
+    assert result["spec"]["serviceAccountName"] == "vertex"
+    assert {"name": "vertex-sidecar-config", "configMap": {"name": "vertex-sidecar-gemini"}} in result["spec"]["volumes"]
+    env = {e["name"]: e["value"] for e in result["spec"]["containers"][0]["env"]}
+    assert env == {"GOOGLE_VERTEX_BASE_URL": "http://127.0.0.1:4000/vertex_ai", "GOOGLE_GENAI_USE_VERTEXAI": "true",
+                   "GOOGLE_CLOUD_PROJECT": "my-project", "GOOGLE_CLOUD_LOCATION": "europe-west4"}
+    assert result["metadata"]["annotations"] == {"vertex.passthrough.dev/route": "gemini"}
+    # The namespace was filled in from the review, and is not part of the patch.
+    assert result["metadata"].get("namespace") is None
+
+
+async def test_already_injected_pod_is_untouched(cluster: Cluster, admission: Admission) -> None:
+    await arrange(cluster)
+    once, _ = await admission.admit(pod())
+    again, answer = await admission.admit(once)
+    assert again == once and "patch" not in answer
+
+
+async def test_unselected_and_opted_out_pods_are_untouched(cluster: Cluster, admission: Admission) -> None:
+    await arrange(cluster)
+    other = pod(labels={"app": "other"})
+    assert (await admission.admit(other))[0] == other
+    opted = pod()
+    opted["metadata"]["annotations"] = {"vertex.passthrough.dev/inject": "false"}
+    result, answer = await admission.admit(opted)
+    assert result == opted and "warnings" not in answer
+
+
+@pytest.mark.parametrize("namespace", ["kube-system", "vertex-system"])
+async def test_system_and_operator_namespaces_are_never_injected(
+        cluster: Cluster, admission: Admission, namespace: str) -> None:
+    await arrange(cluster, ns=namespace)
+    obj = pod(namespace=namespace)
+    result, answer = await admission.admit(obj, namespace=namespace)
+    assert result == obj and "patch" not in answer
+
+
+async def test_host_network_pod_is_refused_with_a_warning(cluster: Cluster, admission: Admission) -> None:
+    await arrange(cluster)
+    obj = pod(hostNetwork=True)
+    result, answer = await admission.admit(obj)
+    assert result == obj
+    (warning,) = answer["warnings"]
+    assert "VertexRoute 'gemini' selects this pod but did not inject its sidecar" in warning
+    assert "hostNetwork" in warning
+
+
+async def test_missing_credential_is_a_warning(cluster: Cluster, admission: Admission) -> None:
+    await cluster.create(o.namespace())
+    await cluster.create(o.route())
+
+    async def warned() -> dict[str, Any]:
+        result, answer = await admission.admit(pod())
+        assert answer.get("warnings"), answer
+        return answer
+
+    answer = await eventually(warned)
+    assert "VertexCredential 'vertex' does not exist" in answer["warnings"][0]
+
+
+async def test_tls_route_and_regular_container(cluster: Cluster, admission: Admission, kube: KubeEmulator) -> None:
+    await arrange(cluster, sidecar={"nativeSidecar": "false", "tls": {"enabled": True}})
+    result, _ = await admission.admit(pod())
+    assert names(result["spec"]["containers"]) == ["app", "vertex-sidecar"]
+    env = {e["name"]: e["value"] for e in result["spec"]["containers"][0]["env"]}
+    assert env["GOOGLE_VERTEX_BASE_URL"] == "https://localhost:4443/vertex_ai"
+    assert env["SSL_CERT_FILE"] == "/var/run/vertex-sidecar/tls/ca.crt"
+
+
+async def test_conflicting_routes_are_named_in_a_warning(cluster: Cluster, admission: Admission) -> None:
+    await arrange(cluster)
+    await cluster.create(o.route("later"))
+    await route_ready(cluster, "later")
+    result, answer = await admission.admit(pod())
+    assert result["metadata"]["annotations"]["vertex.passthrough.dev/route"] == "gemini"
+    assert "VertexRoute(s) 'later' also select this pod" in answer["warnings"][0]
+
+
+async def test_bad_review_is_a_bad_request(operator: OperatorThread, admission: Admission) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(admission.url, data=b"not json", ssl=admission.ssl) as response:
+            assert response.status == 400
+
+
+async def test_native_auto_on_an_older_cluster(kube: KubeEmulator, cluster: Cluster, start_operator: Any,
+                                               tls_files: dict[str, Any]) -> None:
+    kube.server_version = {"major": "1", "minor": "28+", "gitVersion": "v1.28.3-gke.1"}
+    admission = Admission(await start_operator(), str(tls_files["ca"]))
+    await arrange(cluster)
+    result, _ = await admission.admit(pod())
+    assert "initContainers" not in result["spec"]
+    assert names(result["spec"]["containers"]) == ["app", "vertex-sidecar"]
