@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("-A", "--all-namespaces", action="store_true",
                        help="serve every namespace (the default when no --namespace is given)")
     scope.add_argument("-n", "--namespace", action="append", default=[], metavar="NAMESPACE",
-                       help="serve only this namespace (repeatable; globs as in kopf)")
+                       help="serve only this namespace (repeatable; exact names: CRD and namespace scanning is off)")
     p.add_argument("--standalone", action="store_true", help="no peering with other operator instances")
     p.add_argument("-L", "--liveness", metavar="URL",
                    help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")

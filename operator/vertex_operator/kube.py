@@ -39,12 +39,13 @@ def load_configuration() -> kubernetes.client.Configuration:
     """In-cluster service account first, then KUBECONFIG / ~/.kube/config."""
     configuration = kubernetes.client.Configuration()
     try:
-        kubernetes.config.load_incluster_config(client_configuration=configuration)
+        kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
         # The client reads KUBECONFIG when it is imported; read it now, at startup.
         path = os.environ.get("KUBECONFIG")
         single = path if path and os.pathsep not in path else None
-        kubernetes.config.load_kube_config(config_file=single, client_configuration=configuration)
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=single, client_configuration=configuration)
     return configuration
 
 
@@ -59,7 +60,7 @@ class Kube:
         self.version = kubernetes.client.VersionApi(self.api_client)
 
     def close(self) -> None:
-        self.api_client.close()
+        self.api_client.close()  # type: ignore[no-untyped-call]
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         # Raw JSON instead of generated models: what we read, we compare and patch as dicts.
@@ -79,18 +80,19 @@ class Kube:
 
     async def read_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return await self._call(self.core.read_namespaced_config_map, name, namespace)
+            found: dict[str, Any] = await self._call(self.core.read_namespaced_config_map, name, namespace)
+            return found
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
-    async def create_config_map(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return await self._call(self.core.create_namespaced_config_map, namespace, dict(body))
+    async def create_config_map(self, namespace: str, body: Mapping[str, Any]) -> None:
+        await self._call(self.core.create_namespaced_config_map, namespace, dict(body))
 
-    async def patch_config_map(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
-        return await self._call(self.core.patch_namespaced_config_map, name, namespace, dict(patch),
-                                _content_type=MERGE_PATCH)
+    async def patch_config_map(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        await self._call(self.core.patch_namespaced_config_map, name, namespace, dict(patch),
+                         _content_type=MERGE_PATCH)
 
     # ------------------------------------------------------------------ workloads
 

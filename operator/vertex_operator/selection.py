@@ -95,7 +95,7 @@ def parse_selector(data: Any, where: str = "selector") -> LabelSelector:
             raise SelectorError(f"{at}.values: required (non-empty) for operator {op}")
         if op in ("Exists", "DoesNotExist") and values:
             raise SelectorError(f"{at}.values: must be empty for operator {op}")
-        exprs.append(Requirement(item["key"], op, tuple(values)))  # type: ignore[arg-type]
+        exprs.append(Requirement(item["key"], op, tuple(values)))
     return LabelSelector(dict(labels), tuple(exprs))
 
 

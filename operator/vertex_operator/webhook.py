@@ -13,11 +13,15 @@ import threading
 from typing import Any, AsyncIterator
 
 import kopf
+from kopf._cogs.structs.reviews import (  # kopf's own protocol types (not re-exported)
+    Request, Response, WebhookClientConfig, WebhookFn,
+)
 
 from vertex_operator.options import Options
 
 
 def fill_namespace(review: dict[str, Any]) -> None:
+    """Copy `request.namespace` into the reviewed object when the object has none."""
     request = review.get("request")
     if not isinstance(request, dict):
         return
@@ -35,10 +39,12 @@ class AdmissionServer(kopf.WebhookServer):
         self.url: str | None = None
         self.ready = threading.Event()
 
-    async def __call__(self, fn: Any) -> AsyncIterator[Any]:  # type: ignore[override]
-        async def with_namespace(request: dict[str, Any], **kwargs: Any) -> Any:
-            fill_namespace(request)
-            return await fn(request, **kwargs)
+    async def __call__(self, fn: WebhookFn) -> AsyncIterator[WebhookClientConfig]:
+        async def with_namespace(request: Request, *, webhook: str | None = None,
+                                 headers: dict[str, str] | None = None,
+                                 sslpeer: dict[str, Any] | None = None) -> Response:
+            fill_namespace(request)  # type: ignore[arg-type]
+            return await fn(request, webhook=webhook, headers=headers, sslpeer=sslpeer)
 
         async for client_config in super().__call__(with_namespace):
             self.url = client_config.get("url")

@@ -16,7 +16,7 @@ import os
 import pathlib
 import threading
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import kmock
 import kubernetes.client
@@ -34,6 +34,11 @@ GROUP, VERSION = "vertex.passthrough.dev", "v1alpha1"
 # Set VERTEX_RBAC_UPDATE=1 to rewrite rbac_requests.json from what the tests observed.
 UPDATE_RBAC = os.environ.get("VERTEX_RBAC_UPDATE") == "1"
 OBSERVED_REQUESTS: set[tuple[str, str, str]] = set()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # kmock 0.8 loads its bundled discovery data with a deprecated importlib call.
+    config.addinivalue_line("filterwarnings", "ignore:read_binary is deprecated:DeprecationWarning")
 
 
 def load_rbac_file() -> set[tuple[str, str, str]]:
@@ -300,20 +305,3 @@ async def start_operator(kube: KubeEmulator, kubeconfig: pathlib.Path,
 @pytest_asyncio.fixture()
 async def operator(start_operator: Callable[..., Awaitable[OperatorThread]]) -> OperatorThread:
     return await start_operator()
-
-
-@pytest.fixture()
-def crd_docs() -> dict[str, dict[str, Any]]:
-    from tests.operator.harness import CRD_DIR
-
-    docs = {}
-    for path in sorted(CRD_DIR.glob("*.yaml")):
-        doc = yaml.safe_load(path.read_text())
-        docs[doc["spec"]["names"]["kind"]] = doc
-    return docs
-
-
-def _iter_docs(path: pathlib.Path) -> Iterator[dict[str, Any]]:
-    for doc in yaml.safe_load_all(path.read_text()):
-        if doc:
-            yield doc

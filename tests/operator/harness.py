@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import datetime
 import itertools
-import json
 import pathlib
 import random
 import re
@@ -42,7 +41,6 @@ from kmock._internal import parsing, rendering  # kmock 0.8 internals, pinned
 assert kmock.__version__.startswith("0.8"), "the harness relies on kmock 0.8 internals"
 
 CRD_DIR = pathlib.Path(__file__).resolve().parents[2] / "crds"
-WRITE_VERBS = ("get", "list", "watch", "create", "update", "patch", "delete")
 
 
 # ---------------------------------------------------------------- kmock path fix
@@ -361,10 +359,6 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     # -- assertions
 
-    def get(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:  # type: ignore[override]
-        res = kmock.resource(resource)
-        return self._stored((res, namespace, name))
-
     def api_requests(self, user_agent_prefixes: tuple[str, ...]) -> list[tuple[str, str, str]]:
         """(apiGroup, resource[/subresource], verb) of requests made by the given clients."""
         triples: list[tuple[str, str, str]] = []
@@ -382,6 +376,3 @@ class KubeEmulator(kmock.KubernetesEmulator):
             triples.append((request.resource.group or "", res, verb))
         return triples
 
-
-def request_summary(requests: list[Any]) -> str:
-    return json.dumps([f"{r.method} {r.url.path}" for r in requests], indent=1)

@@ -159,12 +159,18 @@ def test_all_workload_kinds() -> None:
     assert sorted(p.workload.ref for p in result.workload_patches) == ["DaemonSet/ds", "Deployment/d", "StatefulSet/s"]
 
 
-def test_invalid_rendered_config_keeps_pods_served() -> None:
-    result = plan([o.route(sidecar={"tls": {"enabled": True}})], workloads=[o.deployment()])
+def test_config_the_sidecar_refuses_keeps_pods_served() -> None:
+    # A fallback outside the route's locations passes the CRD schema; the sidecar's own
+    # schema refuses it. The ConfigMap keeps the last good config; pods are still planned.
+    route = o.route(match={"models": ["gemini-*"], "locations": ["europe-*"]}, fallbackLocations=["us-east1"])
+    result = plan([route], workloads=[o.deployment()])
     state = result.states["gemini"]
-    assert state.plan is not None
-    if state.rendered is None:  # until the sidecar's schema knows tls.ca_bundle_path
-        assert conditions(result.statuses["gemini"])["ConfigReady"] == ("False", "InvalidConfig")
+    assert state.plan is not None and state.rendered is None
+    status = result.statuses["gemini"]
+    assert conditions(status)["ConfigReady"] == ("False", "InvalidConfig")
+    assert conditions(status)["Ready"] == ("False", "InvalidConfig")
+    assert "'us-east1' is not allowed by match.locations" in status["conditions"][1]["message"]
+    assert "previous config (if any) stays in place" in status["conditions"][1]["message"]
     assert len(result.workload_patches) == 1
 
 

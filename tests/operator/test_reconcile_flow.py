@@ -309,3 +309,41 @@ async def test_api_errors_are_retried_and_reported_as_events(
     await eventually(event_posted)
     from vertex_operator import metrics
     assert (metrics.REGISTRY.get_sample_value("vertex_operator_errors_total", {"stage": "reconcile"}) or 0) >= 1
+
+
+async def test_config_the_sidecar_refuses_keeps_the_last_good_one(
+        kube: KubeEmulator, cluster: Cluster, operator: OperatorThread) -> None:
+    await setup_namespace(cluster)
+    await cluster.create(o.route())
+    await wait_condition(cluster, "gemini", "ConfigReady", "True")
+    good = (await cluster.get("ConfigMap", o.NS, "vertex-sidecar-gemini"))["data"]  # type: ignore[index]
+    # Passes the CRD schema, refused by the sidecar's: the fallback is outside match.locations.
+    await cluster.patch("VertexRoute", o.NS, "gemini", {"spec": {
+        "match": {"models": ["gemini-*"], "locations": ["europe-*"]}, "fallbackLocations": ["us-east1"]}})
+    route = await wait_condition(cluster, "gemini", "ConfigReady", "False", "InvalidConfig", generation=2)
+    assert "'us-east1' is not allowed by match.locations" in condition(route, "ConfigReady")["message"]
+    assert (await cluster.get("ConfigMap", o.NS, "vertex-sidecar-gemini"))["data"] == good  # type: ignore[index]
+
+
+async def test_changes_made_while_the_operator_was_down(
+        kube: KubeEmulator, cluster: Cluster, start_operator: Any) -> None:
+    first = await start_operator()
+    await setup_namespace(cluster)
+    await cluster.create(o.deployment())
+    await cluster.create(o.route())
+    await wait_annotations(cluster, "chat", **{ROUTE: "gemini"})
+    await first.stop()
+
+    await cluster.patch("VertexRoute", o.NS, "gemini", {"spec": {"match": {"models": ["claude-*"]}}})
+    await cluster.delete("Deployment", o.NS, "chat")
+    await cluster.create(o.deployment("chat-v2", labels={"app": "chat"}))
+    await start_operator()
+
+    async def caught_up() -> bool:
+        cm = await cluster.get("ConfigMap", o.NS, "vertex-sidecar-gemini")
+        route = await cluster.get("VertexRoute", o.NS, "gemini")
+        return ("claude-*" in cm["data"]["config.yaml"]  # type: ignore[index]
+                and route["status"]["workloads"] == ["Deployment/chat-v2"])  # type: ignore[index]
+
+    await eventually(caught_up)
+    await wait_annotations(cluster, "chat-v2", **{ROUTE: "gemini"})

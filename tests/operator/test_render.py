@@ -11,7 +11,7 @@ import yaml
 from tests.operator import objects as o
 from vertex_operator import render
 from vertex_operator.crd import parse_credential, parse_route
-from vertex_sidecar.config import ConfigError, parse_config, parse_config_text
+from vertex_sidecar.config import parse_config, parse_config_text
 
 
 def rendered(route_extra: dict[str, Any] | None = None, credential_spec: dict[str, Any] | None = None,
@@ -115,18 +115,14 @@ def test_tls_settings() -> None:
     assert render.tls_settings(parse_route(o.route())) == {}
 
 
-def test_tls_route_is_validated_by_the_sidecar_schema() -> None:
-    """Until the sidecar knows `tls.ca_bundle_path`, a TLS route is refused with that reason."""
+def test_tls_route_renders_listener_and_ca_bundle() -> None:
     route = parse_route(o.route(sidecar={"tls": {"enabled": True}}))
-    credential = parse_credential(o.credential())
-    try:
-        parse_config({"tls": {"ca_bundle_path": "/x"}})
-    except ConfigError:
-        with pytest.raises(render.RenderError, match="tls"):
-            render.render(route, credential)
-    else:
-        result = render.render(route, credential)
-        assert parse_config(result.config).tls_listen is not None
+    result = render.render(route, parse_credential(o.credential()))
+    config = parse_config(result.config)
+    assert config.tls_listen is not None and config.tls_listen.port == 4443
+    assert config.tls.ca_bundle_path == "/var/run/vertex-sidecar/tls/ca.crt"
+    # The CA's private key stays in the sidecar's own /tmp, not in the volume apps mount.
+    assert config.tls.state_dir is None
 
 
 def test_invalid_values_are_caught_by_the_sidecar_schema() -> None:

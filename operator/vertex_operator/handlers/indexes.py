@@ -16,25 +16,25 @@ from vertex_operator.selection import Workload, workload_from_body
 
 
 @kopf.index(GROUP, VERSION, ROUTE_PLURAL)
-def vertexroute_index(body: kopf.Body, namespace: str, **_: Any) -> dict[str, RouteRecord]:
-    return {namespace: route_record(body)}
+def vertexroute_index(body: kopf.Body, namespace: str | None, **_: Any) -> dict[str, RouteRecord]:
+    return {namespace or "": route_record(body)}
 
 
 @kopf.index(GROUP, VERSION, CREDENTIAL_PLURAL)
-def vertexcredential_index(body: kopf.Body, namespace: str, **_: Any) -> dict[str, CredentialRecord]:
-    return {namespace: credential_record(body)}
+def vertexcredential_index(body: kopf.Body, namespace: str | None, **_: Any) -> dict[str, CredentialRecord]:
+    return {namespace or "": credential_record(body)}
 
 
 @kopf.index("apps", "v1", "deployments")
-def deployment_index(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Workload]:
-    return {namespace: workload_from_body("Deployment", body)}
+def deployment_index(body: kopf.Body, namespace: str | None, **_: Any) -> dict[str, Workload]:
+    return {namespace or "": workload_from_body("Deployment", body)}
 
 
 @kopf.index("apps", "v1", "statefulsets")
-def statefulset_index(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Workload]:
-    return {namespace: workload_from_body("StatefulSet", body)}
+def statefulset_index(body: kopf.Body, namespace: str | None, **_: Any) -> dict[str, Workload]:
+    return {namespace or "": workload_from_body("StatefulSet", body)}
 
 
 @kopf.index("apps", "v1", "daemonsets")
-def daemonset_index(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Workload]:
-    return {namespace: workload_from_body("DaemonSet", body)}
+def daemonset_index(body: kopf.Body, namespace: str | None, **_: Any) -> dict[str, Workload]:
+    return {namespace or "": workload_from_body("DaemonSet", body)}

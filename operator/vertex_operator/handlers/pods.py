@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import jsonpatch
@@ -18,8 +17,8 @@ WEBHOOK_ID = "inject-vertex-sidecar"  # also the URL path: POST /inject-vertex-s
                 # Unreachable operator: pods are created without the sidecar rather than
                 # blocking every pod in the cluster (for kopf-managed configurations).
                 ignore_failures=True, side_effects=False)
-async def inject_sidecar(body: kopf.Body, patch: kopf.Patch, warnings: list[str], memo: kopf.Memo,
-                         logger: logging.Logger, **kwargs: Any) -> None:
+async def inject_sidecar(body: kopf.Body, patch: kopf.Patch, warnings: list[str], memo: Any,
+                         logger: kopf.Logger, **kwargs: Any) -> None:
     controller: Controller = memo.controller
     pod = dict(body)
     namespace = body.metadata.namespace or ""

@@ -8,7 +8,6 @@ which is what the periodic resync daemon is for.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import kopf
@@ -26,24 +25,24 @@ WORKLOAD_KINDS = {"deployments": "Deployment", "statefulsets": "StatefulSet", "d
 @kopf.on.resume(GROUP, VERSION, ROUTE_PLURAL, backoff=RETRY_BACKOFF)
 @kopf.on.create(GROUP, VERSION, ROUTE_PLURAL, backoff=RETRY_BACKOFF)
 @kopf.on.update(GROUP, VERSION, ROUTE_PLURAL, backoff=RETRY_BACKOFF)
-async def route_changed(namespace: str, memo: kopf.Memo, **kwargs: Any) -> None:
+async def route_changed(namespace: str | None, memo: Any, **kwargs: Any) -> None:
     controller: Controller = memo.controller
-    await controller.sync(namespace, Indexes(kwargs), trigger="route")
+    await controller.sync(namespace or "", Indexes(kwargs), trigger="route")
 
 
 @kopf.on.delete(GROUP, VERSION, ROUTE_PLURAL, backoff=RETRY_BACKOFF)
-async def route_deleted(namespace: str, uid: str, memo: kopf.Memo, **kwargs: Any) -> None:
+async def route_deleted(namespace: str | None, uid: str, memo: Any, **kwargs: Any) -> None:
     # The index already holds the route with its deletionTimestamp, so this sync no longer
     # counts it: its workloads go to the next route in line or roll back to no sidecar.
     # The ConfigMap is garbage-collected through its owner reference.
     controller: Controller = memo.controller
-    await controller.sync(namespace, Indexes(kwargs), trigger="route-deleted")
+    await controller.sync(namespace or "", Indexes(kwargs), trigger="route-deleted")
     controller.forget(uid)
 
 
 @kopf.daemon(GROUP, VERSION, ROUTE_PLURAL, cancellation_timeout=5.0)
-async def route_resync(stopped: kopf.DaemonStopped, namespace: str, uid: str, memo: kopf.Memo,
-                       logger: logging.Logger, **kwargs: Any) -> None:
+async def route_resync(stopped: kopf.DaemonStopped, namespace: str | None, uid: str, memo: Any,
+                       logger: kopf.Logger, **kwargs: Any) -> None:
     """Re-converge now and then: repairs ConfigMaps edited by hand and missed events."""
     controller: Controller = memo.controller
     while not stopped:
@@ -52,20 +51,21 @@ async def route_resync(stopped: kopf.DaemonStopped, namespace: str, uid: str, me
             break
         controller.forget(uid)
         try:
-            await controller.sync(namespace, Indexes(kwargs), trigger="resync")
+            await controller.sync(namespace or "", Indexes(kwargs), trigger="resync")
         except Exception as exc:  # the next round retries; kopf would stop the daemon
             logger.warning("Periodic resync of namespace %s failed: %s", namespace, exc)
 
 
 @kopf.on.event(GROUP, VERSION, CREDENTIAL_PLURAL)
-async def credential_changed(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger,
+async def credential_changed(name: str, namespace: str | None, memo: Any, logger: kopf.Logger,
                              **kwargs: Any) -> None:
     """A credential appeared, changed, became Ready or went away: re-sync its routes."""
     controller: Controller = memo.controller
     indexes = Indexes(kwargs)
-    if any(r.route is not None and r.route.credential_name == name for r in indexes.routes(namespace)):
+    ns = namespace or ""
+    if any(r.route is not None and r.route.credential_name == name for r in indexes.routes(ns)):
         try:
-            await controller.sync(namespace, indexes, trigger="credential")
+            await controller.sync(ns, indexes, trigger="credential")
         except Exception as exc:
             logger.warning("Re-syncing the routes of namespace %s failed: %s", namespace, exc)
 
@@ -73,17 +73,18 @@ async def credential_changed(name: str, namespace: str, memo: kopf.Memo, logger:
 @kopf.on.event("apps", "v1", "deployments", id="workload_changed")
 @kopf.on.event("apps", "v1", "statefulsets", id="workload_changed")
 @kopf.on.event("apps", "v1", "daemonsets", id="workload_changed")
-async def workload_changed(body: kopf.Body, type: str | None, namespace: str, resource: kopf.Resource,
-                           memo: kopf.Memo, logger: logging.Logger, **kwargs: Any) -> None:
+async def workload_changed(body: kopf.Body, type: str, namespace: str | None, resource: kopf.Resource,
+                           memo: Any, logger: kopf.Logger, **kwargs: Any) -> None:
     """Labels, annotations or injectability of a workload changed: re-sync its namespace."""
     controller: Controller = memo.controller
     workload = workload_from_body(WORKLOAD_KINDS[resource.plural], body)
     if not controller.workload_changed(workload, deleted=type == "DELETED"):
         return  # a status-only update (replica counts during rollouts): nothing to do
     indexes = Indexes(kwargs)
-    if not indexes.routes(namespace) and CONFIG_HASH_ANNOTATION not in workload.template_annotations:
+    ns = namespace or ""
+    if not indexes.routes(ns) and CONFIG_HASH_ANNOTATION not in workload.template_annotations:
         return
     try:
-        await controller.sync(namespace, indexes, trigger="workload")
+        await controller.sync(ns, indexes, trigger="workload")
     except Exception as exc:
         logger.warning("Re-syncing namespace %s after a %s change failed: %s", namespace, workload.ref, exc)

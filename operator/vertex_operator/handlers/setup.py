@@ -12,7 +12,7 @@ from vertex_operator.crd import FINALIZER, PREFIX
 
 
 @kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger,
+async def configure(settings: kopf.OperatorSettings, memo: Any, logger: kopf.Logger,
                     **_: Any) -> None:
     controller: Controller = memo.controller
     options = controller.options
@@ -38,5 +38,5 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
 
 
 @kopf.on.cleanup()
-async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+async def cleanup(memo: Any, **_: Any) -> None:
     memo.controller.close()
