@@ -166,6 +166,7 @@ RESERVED_METRIC_LABELS = frozenset({
 # Header values that are secrets never become labels.
 SECRET_HEADERS = frozenset({
     "authorization", "proxy-authorization", "x-goog-api-key", "x-api-key", "api-key", "cookie", "set-cookie",
+    "x-vertex-sidecar-key",
 })
 MAX_HEADER_LABELS = 4
 
@@ -599,6 +600,9 @@ def parse_config(data: Any, source: str = "<memory>") -> Config:
         source=source,
     )
     top.finish()
+    if config.caller_keys is not None and config.caller_keys.header in config.metrics.header_labels:
+        raise ConfigError(f"metrics.header_labels: {config.caller_keys.header!r} is the caller-key header "
+                          "(caller_keys.header) and can never become a metric label")
     return config
 
 

@@ -27,13 +27,13 @@ REFRESH_AHEAD_S = 300.0  # refresh in the background this long before expiry
 MIN_VALIDITY_S = 30.0  # never hand out a token with less validity than this
 WARMUP_BACKOFF_MAX_S = 30.0
 TOKEN_WAIT_S = 5.0  # a request waits at most this long for a token before it gets a 503
+FAILURE_HOLD_S = 2.0  # after a failed refresh, callers get the same error for this long (no refresh storm)
 
 RefreshObserver = Callable[[str, str], None]  # (credential name, "success" | "failure")
 
 # A PEM block is cut through its END line (or to the end of the text when truncated).
 _TOKENISH = re.compile(r"(ya29\.[\w.-]+|eyJ[\w-]+\.[\w-]+\.[\w-]*|-----BEGIN ([A-Z ]+)-----.*?(?:-----END \2-----|$))",
                        re.DOTALL)
-IAM_CREDENTIALS_URL = "https://iamcredentials.googleapis.com"
 _GENERATE_ACCESS_TOKEN = "/v1/projects/-/serviceAccounts/{}:generateAccessToken"
 
 
@@ -145,9 +145,12 @@ def explain_refresh_error(spec: CredentialSpec, exc: BaseException, target: str 
         account = target or spec.target_principal or "the target service account"
         via = f" (via delegates {', '.join(spec.delegates)})" if spec.delegates else ""
         if code == 403:
-            text = (f"impersonation of {account}{via} was denied: {status}: {message} — grant the source identity "
-                    f"roles/iam.serviceAccountTokenCreator on {account}"
-                    + (" and each delegate on the next" if spec.delegates else ""))
+            # Federation configs impersonate through roles/iam.workloadIdentityUser; the
+            # impersonate type (a Google identity as source) through Token Creator.
+            role = "roles/iam.serviceAccountTokenCreator" if spec.type == "impersonate" else \
+                "roles/iam.workloadIdentityUser"
+            text = (f"impersonation of {account}{via} was denied: {status}: {message}; grant the source identity "
+                    f"{role} on {account}" + (" and each delegate on the next" if spec.delegates else ""))
         elif code == 404:
             text = f"impersonation of {account}{via} failed: {message} (does the service account exist?)"
         elif code == 401:
@@ -178,6 +181,7 @@ class TokenSource:
         self._refreshing: asyncio.Future[str] | None = None
         self._warmup: asyncio.Task[None] | None = None
         self.last_error: str | None = None
+        self._failed_at = 0.0
 
     @property
     def ready(self) -> bool:
@@ -194,6 +198,11 @@ class TokenSource:
             if now >= self._expires_at - REFRESH_AHEAD_S and self._refreshing is None:
                 self._start_refresh()  # in the background; the cached token is still good
             return self._token
+        if (self._refreshing is None and self.last_error is not None
+                and time.monotonic() - self._failed_at < FAILURE_HOLD_S):
+            # A broken credential must not turn every incoming request into a call to Google.
+            raise CredentialError(f"the sidecar could not obtain a Google access token for credential "
+                                  f"{self.name!r} ({self.spec.type}): {self.last_error}")
         try:
             return await asyncio.wait_for(asyncio.shield(self._start_refresh()), TOKEN_WAIT_S)
         except asyncio.TimeoutError:
@@ -230,6 +239,7 @@ class TokenSource:
                 target = getattr(self._credentials, "service_account_email", None)
                 message = explain_refresh_error(self.spec, exc, target if isinstance(target, str) else None)
             self.last_error = message
+            self._failed_at = time.monotonic()
             self._observe("failure")
             log.warning("token refresh failed for credential %r: %s", self.name, message)
             raise CredentialError(

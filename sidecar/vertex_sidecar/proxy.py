@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from .callerkeys import KeyCheck
 from .config import Config, Route
 from .credentials import CredentialError, TokenSource
-from .errors import SidecarError
+from .errors import SidecarError, error_headers
 from .headers import client_response_headers, content_length, header_value, upstream_request_headers
 from .observe import ChunkParser, Observer, RequestRecord
 from .policy import decide, needs_body_model, resolve_target
@@ -136,7 +136,11 @@ class Proxy:
             headers=headers, method=scope["method"], query=scope.get("query_string", b""),
             body=body, streamed=streamed, streamed_length=declared_length if streamed is not None else None,
         )
-        response = await self._send_with_retries(exchange, route, target, config, record)
+        if streamed is None:
+            response = await _unless_caller_leaves(receive, self._send_with_retries(exchange, route, target,
+                                                                                    config, record))
+        else:  # the upload itself notices a caller that leaves
+            response = await self._send_with_retries(exchange, route, target, config, record)
         parser = await self._relay_response(response, receive, send, record, request_body_done=streamed is None)
         if limiter.counts_tokens and parser is not None:
             limiter.record_tokens(_total_tokens(parser))
@@ -313,13 +317,52 @@ class Proxy:
         if record.response_started:
             return  # the response already started; nothing more can be said
         body = error.body()
-        headers = [(b"content-type", b"application/json; charset=UTF-8"),
-                   (b"x-request-id", record.request_id.encode("latin-1"))] + error.headers
+        headers = error_headers(body, [(b"x-request-id", record.request_id.encode("latin-1"))] + error.headers)
         await send({"type": "http.response.start", "status": error.code, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 
 _TIMEOUT_KEYS = {"connection": "connect", "response headers": "first_byte", "complete response": "total"}
+
+
+WATCH_CALLER_AFTER_S = 0.5  # quick answers never pay for a watcher task
+
+
+async def _unless_caller_leaves(receive: Receive, work: Awaitable[UpstreamResponse]) -> UpstreamResponse:
+    """Await `work` (waiting for Google's answer); if the caller hangs up meanwhile, cancel it,
+    which closes the upstream connection so Google stops working (and billing) on it.
+
+    The watcher starts only after WATCH_CALLER_AFTER_S, so the common fast exchange costs a
+    timer, not a task.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+    watcher: asyncio.Task[None] | None = None
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    def start_watching() -> None:
+        nonlocal watcher
+        watcher = asyncio.ensure_future(watch())
+
+    timer = asyncio.get_running_loop().call_later(WATCH_CALLER_AFTER_S, start_watching)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone:
+            task.uncancel()
+            raise ClientDisconnected() from None
+        raise
+    finally:
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
 async def _watch_disconnect(receive: Receive, response: UpstreamResponse) -> None:

@@ -19,7 +19,7 @@ Faults (`FAULTS`):
   garbage              bytes that are not HTTP, connection left open
   bad-chunk            chunked: one good chunk, then a chunk size that is not hex, left open
   bad-chunk-first      chunked headers immediately followed by a bad chunk size, left open
-  short-body           Content-Length: 1000, ten bytes, then a clean close
+  short-body           Content-Length: 1000, nine bytes, then a clean close
   close-delimited      HTTP/1.1 200, `Connection: close`, no length: the body ends at EOF (valid)
   drop-on-reuse        `ok` on a connection's first request; later ones: closed without answer
                        (a keep-alive connection the server dropped just as the request came)
@@ -49,7 +49,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,7 +73,8 @@ class FaultStats:
     open_connections: int = 0
     max_open_connections: int = 0
     requests: collections.Counter[str] = field(default_factory=collections.Counter)
-    completed_uploads: int = 0
+    started_requests: int = 0  # request headers received
+    completed_uploads: int = 0  # requests received whole (headers and the declared body)
     aborted_uploads: int = 0  # connection lost after the headers, before the declared body ended
     abandoned: int = 0  # connection lost while a slow answer was still pending
     paths: list[str] = field(default_factory=list)
@@ -165,6 +166,9 @@ class _ServerConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        self.stats.started_requests += 1
 
     def on_body(self, body: bytes) -> None:
         self.body_length += len(body)
@@ -398,7 +402,7 @@ class FaultyServer:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
 
-    def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
+    def wait_for(self, predicate: Callable[[FaultStats], bool], timeout: float = 5.0) -> bool:
         """Poll `predicate(stats)` until true or the deadline: no fixed sleeps in tests."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

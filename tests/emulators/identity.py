@@ -90,7 +90,7 @@ def mount_identity_endpoints(combined_app: Starlette) -> Starlette:
     Returns the identity app; also set on the combined app's state as `identity_app`,
     `sts_app` and `iam_app`.
     """
-    existing = getattr(combined_app.state, "identity_app", None)
+    existing: Starlette | None = getattr(combined_app.state, "identity_app", None)
     if existing is not None:
         return existing
     identity = create_identity_app(combined_app.state.registry)

@@ -28,6 +28,7 @@ from starlette.middleware import Middleware
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .identity import mount_identity_endpoints
 from .keys import KeyStore
 from .metadata import create_metadata_app
 from .oauth import create_oauth_app
@@ -180,4 +181,5 @@ def create_combined_app(
     app.state.oauth_app = oauth
     app.state.vertex_app = vertex
     app.state.requests = vertex.state.requests
+    mount_identity_endpoints(app)  # STS + IAM Credentials on the same port and token registry
     return app

@@ -58,7 +58,8 @@ def vertex_calls(emulator: ServerHandle) -> list[dict[str, Any]]:
 
 
 def write_credential_config(tmp_path: Path, emulator: ServerHandle, token_file: Path, *,
-                            impersonate: str | None = None, lifetime_s: int | None = None) -> Path:
+                            impersonate: str | None = None, lifetime_s: int | None = None,
+                            name: str = "credential-config.json") -> Path:
     """A credential configuration as `gcloud iam workload-identity-pools create-cred-config` writes it."""
     config: dict[str, Any] = {
         "universe_domain": "googleapis.com",
@@ -74,7 +75,7 @@ def write_credential_config(tmp_path: Path, emulator: ServerHandle, token_file: 
             f"{impersonate}:generateAccessToken")
         if lifetime_s is not None:
             config["service_account_impersonation"] = {"token_lifetime_seconds": lifetime_s}
-    path = tmp_path / "credential-config.json"
+    path = tmp_path / name
     path.write_text(json.dumps(config, indent=2))
     return path
 
@@ -117,6 +118,32 @@ def test_external_account_file_with_service_account_impersonation(
     [call] = iam.state.calls
     assert (call["caller"], call["target"], call["lifetime"], call["status"]) == (PRINCIPAL, TARGET_SA, 1800, 200)
     assert call["scope"] == [CLOUD_PLATFORM]
+
+
+def test_federation_refusals_are_clear_503s(
+        tmp_path: Path, start: StartSidecar, emulator: ServerHandle, provider: OidcProvider) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(provider.mint(KSA, audience="https://wrong.example.com"))
+    plain = write_credential_config(tmp_path, emulator, token_file, name="plain.json")
+    token_ok = tmp_path / "token-ok"
+    token_ok.write_text(provider.mint(KSA))
+    impersonating = write_credential_config(tmp_path, emulator, token_ok, impersonate=TARGET_SA, name="imp.json")
+    deny_all_token_creators(emulator.app.state.iam_app, TARGET_SA)
+    sidecar = start({
+        "credentials": {"fed": {"type": "external_account_file", "path": str(plain)},
+                        "fed-sa": {"type": "external_account_file", "path": str(impersonating)}},
+        "routes": [{"name": "a", "match": {"projects": ["emu-project"]}, "credential": "fed"},
+                   {"name": "b", "match": {"projects": ["other-project"]}, "credential": "fed-sa"}],
+    }, env=NO_METADATA, wait_ready=False)
+
+    refused = generate(sidecar).json()["error"]
+    assert refused["code"] == 503 and "'fed'" in refused["message"]
+    assert "invalid_grant" in refused["message"] and "https://wrong.example.com" in refused["message"]
+    denied = generate(sidecar, MODEL_PATH.format(project="other-project")).json()["error"]
+    assert denied["code"] == 503 and "'fed-sa'" in denied["message"]
+    assert f"impersonation of {TARGET_SA} was denied" in denied["message"]
+    assert "roles/iam.workloadIdentityUser" in denied["message"]
+    assert not vertex_calls(emulator)
 
 
 def test_rotated_subject_token_is_used_after_a_401(
