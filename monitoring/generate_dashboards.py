@@ -126,8 +126,8 @@ def dashboard(uid: str, title: str, description: str, rows: list[Row], variables
 def _quantiles(metric: str, selector: str, by: str = "") -> list[tuple[str, str]]:
     group = f"le, {by}" if by else "le"
     suffix = f" {{{{{by}}}}}" if by else ""
-    return [(f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket{{{selector}}}{RATE})))", f"p{int(q * 100)}{suffix}")
-            for q in (0.5, 0.95, 0.99)]
+    return [(f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket{{{selector}}}{RATE})))",
+             f"p{int(q * 100)}{suffix}") for q in (0.5, 0.95, 0.99)]
 
 
 def overview() -> dict[str, Any]:

@@ -13,7 +13,9 @@ from typing import Sequence
 import kopf
 
 from vertex_operator import __version__
-from vertex_operator.options import DEFAULT_SIDECAR_IMAGE, Options
+from vertex_operator.options import (
+    DEFAULT_IAM_ENDPOINT, DEFAULT_RESOURCE_MANAGER_ENDPOINT, DEFAULT_SIDECAR_IMAGE, Options,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8081, help="Prometheus /metrics port; -1 disables")
     p.add_argument("--resync-interval", type=float, default=300.0, metavar="SECONDS",
                    help="re-converge every route this often (repairs hand-edited ConfigMaps)")
+    g = p.add_argument_group("VertexCredential bindings (binding.backend: iamApi)",
+                             "The operator calls Google with its own Application Default Credentials.")
+    g.add_argument("--iam-endpoint", default=DEFAULT_IAM_ENDPOINT, metavar="URL",
+                   help="IAM API base URL (service account policies)")
+    g.add_argument("--resource-manager-endpoint", default=DEFAULT_RESOURCE_MANAGER_ENDPOINT, metavar="URL",
+                   help="Resource Manager API base URL (project policies and numbers)")
+    g.add_argument("--iam-propagation-seconds", type=float, default=120.0, metavar="SECONDS",
+                   help="report BindingReady=Unknown (Propagating) this long after granting a role")
+    g.add_argument("--binding-recheck-seconds", type=float, default=10.0, metavar="SECONDS",
+                   help="first retry after a binding error (doubling up to --resync-interval); also "
+                        "how often Config Connector objects are re-read until Ready")
     w = p.add_argument_group("admission webhook")
     w.add_argument("--no-webhook", action="store_true", help="do not serve the injection webhook")
     w.add_argument("--webhook-addr", default="0.0.0.0")
@@ -75,6 +88,10 @@ def options_from_args(args: argparse.Namespace) -> Options:
         webhook_ca=args.webhook_ca,
         webhook_managed=args.webhook_managed,
         resync_seconds=args.resync_interval,
+        iam_endpoint=args.iam_endpoint,
+        resource_manager_endpoint=args.resource_manager_endpoint,
+        iam_propagation_seconds=args.iam_propagation_seconds,
+        binding_recheck_seconds=args.binding_recheck_seconds,
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from vertex_operator import conditions as cond
 from vertex_operator import inject, metrics, reconcile, render
+from vertex_operator.credential_controller import CredentialController
 from vertex_operator.crd import (
     API_VERSION, MANAGED_BY, MANAGED_BY_LABEL, PREFIX, ROUTE_KIND, ROUTE_LABEL,
 )
@@ -84,13 +85,16 @@ class Controller:
         self._config_hashes: dict[str, str] = {}  # route uid → content hash known to be in its ConfigMap
         self._statuses: dict[str, dict[str, Any]] = {}  # route uid → the status last written
         self._workloads: dict[tuple[str, str, str], Workload] = {}  # last seen, to drop no-op events
+        self.credentials = CredentialController(options, kube)
 
     async def start(self) -> None:
         if self.kube is None:
             self.kube = Kube()
+        self.credentials.kube = self.kube
         self.server_version = await self.kube.server_version()
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        await self.credentials.close()
         if self.kube is not None:
             self.kube.close()
 

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Mapping
 
+from vertex_operator.identity import provider_name
 from vertex_operator.selection import LabelSelector, SelectorError, parse_selector
 
 GROUP = "vertex.passthrough.dev"
@@ -22,6 +23,7 @@ ROUTE_KIND = "VertexRoute"
 ROUTE_PLURAL = "vertexroutes"
 CREDENTIAL_KIND = "VertexCredential"
 CREDENTIAL_PLURAL = "vertexcredentials"
+CREDENTIAL_LABEL = f"{GROUP}/credential"
 
 PREFIX = GROUP  # labels/annotations prefix
 CONFIG_HASH_ANNOTATION = f"{PREFIX}/config-hash"
@@ -34,6 +36,7 @@ MANAGED_BY = "vertex-operator"
 REMOVED_HASH = "none"  # config-hash value of a workload rolled back to no sidecar
 
 PROJECT_RE = re.compile(r"^(?:[a-z][a-z0-9-]{4,28}[a-z0-9]|[0-9]{1,20})$")
+PROJECT_ID_RE = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 LOCATION_RE = re.compile(r"^(?:global|us|eu|[a-z]+(?:-[a-z]+)+[0-9]+)$")
 DNS_LABEL_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
 DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -443,6 +446,12 @@ class Federation:
     config_map_name: str
     config_map_key: str = "credential-configuration.json"
     token_expiration_seconds: int = 3600
+    rendered: bool = False  # no credentialConfig in the spec: the operator writes the ConfigMap
+
+
+def federation_config_map_name(credential_name: str) -> str:
+    """The ConfigMap the operator renders for a federation credential without credentialConfig."""
+    return f"vertex-federation-{credential_name}"
 
 
 @dataclass(frozen=True)
@@ -464,6 +473,10 @@ class Credential:
     federation: Federation | None = None
     secret: SecretKey | None = None
     binding_backend: str = "manual"
+    binding_roles: tuple[str, ...] | None = None  # None: not set in the spec
+    binding_projects: tuple[str, ...] | None = None
+    uid: str = ""
+    deleting: bool = False
     ready: bool = False
     ready_reason: str = ""
     ready_message: str = ""
@@ -491,6 +504,8 @@ class Credential:
 
 _GSA_RE = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]@[a-z0-9.-]+\.gserviceaccount\.com$")
 _CM_KEY_RE = re.compile(r"^[-._a-zA-Z0-9]+$")
+_ROLE_RE = re.compile(r"^(?:roles/[A-Za-z0-9_.]+|projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/roles/[A-Za-z0-9_.]+"
+                      r"|organizations/[0-9]+/roles/[A-Za-z0-9_.]+)$")
 
 
 def _readiness(body: Mapping[str, Any], generation: int) -> tuple[bool, str, str]:
@@ -511,7 +526,7 @@ def _readiness(body: Mapping[str, Any], generation: int) -> tuple[bool, str, str
 
 def parse_credential(body: Mapping[str, Any]) -> Credential:
     """Parse a VertexCredential object; raises `SpecError`."""
-    namespace, name, _uid, generation, _created, _deleting = _meta(body)
+    namespace, name, uid, generation, _created, deleting = _meta(body)
     spec = _Fields(body.get("spec"), "spec")
     modes = [m for m in ("workloadIdentity", "federation", "secretRef") if spec.has(m)]
     if len(modes) != 1:
@@ -533,12 +548,22 @@ def parse_credential(body: Mapping[str, Any]) -> Credential:
         )
     elif mode == "federation":
         f = spec.sub("federation")
+        audience = f.string("audience", required=True) or ""
+        rendered = not f.has("credentialConfig")
+        if rendered and provider_name(audience) is None:
+            raise SpecError("spec.federation.audience: without credentialConfig it must name the pool "
+                            "provider (https://iam.googleapis.com/projects/NUMBER/locations/global/"
+                            "workloadIdentityPools/POOL/providers/PROVIDER), from which the operator "
+                            "renders the credential configuration")
         cc = f.sub("credentialConfig")
         fed = Federation(
-            audience=f.string("audience", required=True) or "",
-            config_map_name=cc.string("configMapName", required=True, pattern=DNS_SUBDOMAIN_RE) or "",
-            config_map_key=cc.string("key", "credential-configuration.json", pattern=_CM_KEY_RE) or "",
+            audience=audience,
+            config_map_name=(federation_config_map_name(name) if rendered else
+                             cc.string("configMapName", required=True, pattern=DNS_SUBDOMAIN_RE) or ""),
+            config_map_key=("credential-configuration.json" if rendered else
+                            cc.string("key", "credential-configuration.json", pattern=_CM_KEY_RE) or ""),
             token_expiration_seconds=f.integer("tokenExpirationSeconds", 3600, low=600, high=86400) or 3600,
+            rendered=rendered,
         )
     else:
         f = spec.sub("secretRef")
@@ -546,10 +571,21 @@ def parse_credential(body: Mapping[str, Any]) -> Credential:
             secret_name=f.string("name", required=True, pattern=DNS_SUBDOMAIN_RE) or "",
             key=f.string("key", "key.json", pattern=_CM_KEY_RE) or "key.json",
         )
-    backend = spec.sub("binding").choice("backend", ("iamApi", "configConnector", "manual"), "manual")
+    binding = spec.sub("binding")
+    backend = binding.choice("backend", ("iamApi", "configConnector", "manual"), "manual")
+    roles = binding.strings("roles", pattern=_ROLE_RE, hint=" (a role such as roles/aiplatform.user)")
+    projects = binding.strings("projects", pattern=PROJECT_ID_RE, hint=" (a Google Cloud project id)")
+    if mode == "secretRef" and binding.data:
+        raise SpecError("spec.binding: does not apply to secretRef (the key's Google service account "
+                        "already holds its roles)")
+    if wi is not None and not wi.gcp_service_account and not wi.project_number and backend != "iamApi":
+        raise SpecError("spec.workloadIdentity.projectNumber: direct Workload Identity needs it (it is part "
+                        "of the principal:// member); or set gcpServiceAccount, or binding.backend iamApi "
+                        "(the operator looks the number up)")
     ready, reason, message = _readiness(body, generation)
     return Credential(
         namespace=namespace, name=name, generation=generation, service_account_name=ksa, mode=mode,
         workload_identity=wi, federation=fed, secret=secret, binding_backend=backend,
+        binding_roles=roles, binding_projects=projects, uid=uid, deleting=deleting,
         ready=ready, ready_reason=reason, ready_message=message,
     )

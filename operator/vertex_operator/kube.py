@@ -1,7 +1,8 @@
 """The operator's own writes to the cluster, through the official `kubernetes` client.
 
 kopf does the watching; this module does the few reads and writes that are not a
-handler's own patch: ConfigMaps, pod-template annotations of workloads, route status.
+handler's own patch: ConfigMaps, service accounts, pod-template annotations of workloads,
+route and credential status, Config Connector objects.
 The client is synchronous, so every call runs in a worker thread. Objects go in and
 come out as plain dicts (no generated models), and patches are sent explicitly as
 JSON merge patches.
@@ -21,7 +22,7 @@ import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
 from vertex_operator import __version__
-from vertex_operator.crd import GROUP, ROUTE_PLURAL, VERSION
+from vertex_operator.crd import CREDENTIAL_PLURAL, GROUP, ROUTE_PLURAL, VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,26 @@ class Kube:
         data = response.data
         return json.loads(data) if data else None
 
+    async def _get(self, fn: Callable[..., Any], *args: Any) -> dict[str, Any] | None:
+        """A read that answers None for 404."""
+        try:
+            found: dict[str, Any] = await self._call(fn, *args)
+            return found
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def _delete(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """A delete that answers False when the object is already gone."""
+        try:
+            await self._call(fn, *args)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
     async def server_version(self) -> tuple[int, int] | None:
         try:
             info = await self._call(self.version.get_code)
@@ -79,13 +100,7 @@ class Kube:
     # ------------------------------------------------------------------ configmaps
 
     async def read_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            found: dict[str, Any] = await self._call(self.core.read_namespaced_config_map, name, namespace)
-            return found
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await self._get(self.core.read_namespaced_config_map, name, namespace)
 
     async def create_config_map(self, namespace: str, body: Mapping[str, Any]) -> None:
         await self._call(self.core.create_namespaced_config_map, namespace, dict(body))
@@ -93,6 +108,25 @@ class Kube:
     async def patch_config_map(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
         await self._call(self.core.patch_namespaced_config_map, name, namespace, dict(patch),
                          _content_type=MERGE_PATCH)
+
+    async def delete_config_map(self, namespace: str, name: str) -> bool:
+        return await self._delete(self.core.delete_namespaced_config_map, name, namespace)
+
+    # ------------------------------------------------------------------ service accounts
+
+    async def read_service_account(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._get(self.core.read_namespaced_service_account, name, namespace)
+
+    async def create_service_account(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        created: dict[str, Any] = await self._call(self.core.create_namespaced_service_account, namespace, dict(body))
+        return created
+
+    async def patch_service_account(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        await self._call(self.core.patch_namespaced_service_account, name, namespace, dict(patch),
+                         _content_type=MERGE_PATCH)
+
+    async def delete_service_account(self, namespace: str, name: str) -> bool:
+        return await self._delete(self.core.delete_namespaced_service_account, name, namespace)
 
     # ------------------------------------------------------------------ workloads
 
@@ -111,12 +145,35 @@ class Kube:
 
     # ------------------------------------------------------------------ custom resources
 
-    async def patch_route_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> bool:
+    async def _patch_status(self, plural: str, namespace: str, name: str, status: Mapping[str, Any]) -> bool:
         try:
             await self._call(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace,
-                             ROUTE_PLURAL, name, {"status": dict(status)}, _content_type=MERGE_PATCH)
+                             plural, name, {"status": dict(status)}, _content_type=MERGE_PATCH)
             return True
         except ApiException as exc:
             if exc.status == 404:
                 return False
             raise
+
+    async def patch_route_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> bool:
+        return await self._patch_status(ROUTE_PLURAL, namespace, name, status)
+
+    async def patch_credential_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> bool:
+        return await self._patch_status(CREDENTIAL_PLURAL, namespace, name, status)
+
+    # Other operators' custom resources (Config Connector's IAMPolicyMember).
+
+    async def read_custom(self, group: str, version: str, plural: str, namespace: str,
+                          name: str) -> dict[str, Any] | None:
+        return await self._get(self.custom.get_namespaced_custom_object, group, version, namespace, plural, name)
+
+    async def create_custom(self, group: str, version: str, plural: str, namespace: str,
+                            body: Mapping[str, Any]) -> dict[str, Any]:
+        """Raises ApiException 404 when the resource type is not installed."""
+        created: dict[str, Any] = await self._call(self.custom.create_namespaced_custom_object, group, version,
+                                                   namespace, plural, dict(body))
+        return created
+
+    async def delete_custom(self, group: str, version: str, plural: str, namespace: str, name: str) -> bool:
+        return await self._delete(self.custom.delete_namespaced_custom_object, group, version, namespace,
+                                  plural, name)

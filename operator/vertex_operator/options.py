@@ -9,6 +9,8 @@ from vertex_operator import __version__
 
 DEFAULT_SIDECAR_IMAGE = os.environ.get("VERTEX_SIDECAR_IMAGE") or f"vertex-passthrough-sidecar:{__version__}"
 SYSTEM_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"})
+DEFAULT_IAM_ENDPOINT = "https://iam.googleapis.com"
+DEFAULT_RESOURCE_MANAGER_ENDPOINT = "https://cloudresourcemanager.googleapis.com"
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,12 @@ class Options:
     webhook_ca: str | None = None
     webhook_managed: str | None = None  # let kopf own a MutatingWebhookConfiguration of this name
     resync_seconds: float = 300.0
+    # VertexCredential bindings (backend iamApi): Google endpoints, and timings.
+    iam_endpoint: str = DEFAULT_IAM_ENDPOINT
+    resource_manager_endpoint: str = DEFAULT_RESOURCE_MANAGER_ENDPOINT
+    iam_propagation_seconds: float = 120.0  # BindingReady stays Propagating this long after a grant
+    binding_recheck_seconds: float = 10.0  # first retry after an error; Config Connector polling
+    iam_retry_seconds: float = 0.5  # first delay after a 409 ABORTED (read-modify-write conflict)
     extra_excluded_namespaces: frozenset[str] = field(default_factory=frozenset)
 
     @property

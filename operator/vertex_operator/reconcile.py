@@ -57,6 +57,7 @@ class CredentialRecord:
     name: str
     credential: Credential | None
     error: str | None
+    deleting: bool = False
 
 
 def route_record(body: Mapping[str, Any]) -> RouteRecord:
@@ -79,7 +80,8 @@ def credential_record(body: Mapping[str, Any]) -> CredentialRecord:
         credential, error = parse_credential(body), None
     except SpecError as exc:
         credential, error = None, str(exc)
-    return CredentialRecord(meta.get("namespace") or "", meta.get("name") or "", credential, error)
+    return CredentialRecord(meta.get("namespace") or "", meta.get("name") or "", credential, error,
+                            deleting=bool(meta.get("deletionTimestamp")))
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,13 @@ def evaluate(record: RouteRecord, credentials: Iterable[CredentialRecord], optio
                    f"one (kubectl get vertexcredentials -n {record.namespace}). Selected pods get no "
                    "sidecar until then.")
         state.blocked = state.config_error = ("CredentialNotFound", message)
+        return state
+    if found.deleting:
+        message = (f"VertexCredential {route.credential_name!r} is being deleted: its IAM bindings and "
+                   "service account are being removed, so the sidecar cannot get Google tokens. Point "
+                   "spec.credentialRef.name at another VertexCredential, or delete this route. Selected "
+                   "pods get no sidecar until then.")
+        state.blocked = state.config_error = ("CredentialDeleted", message)
         return state
     if found.credential is None:
         message = (f"VertexCredential {route.credential_name!r} is invalid: {found.error}. "

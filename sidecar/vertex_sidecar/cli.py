@@ -85,7 +85,7 @@ async def serve(config: Config, sidecar: Sidecar | None = None, config_path: str
         sidecar.metrics_renderer = telemetry.render
         telemetry.set_ready_probe(lambda: sidecar.state.ready)  # type: ignore[union-attr]
         sidecar.live.observer = telemetry
-        sidecar.reload_observer = telemetry.config_reloaded
+        sidecar.reload_observer = lambda result: telemetry.config_reloaded(result, sidecar.config)  # type: ignore
     main_sock = bind(config.listen)
     admin_sock = bind(config.admin_listen)
     app_server = _Server(_uvicorn_config(sidecar.main_app, config))
@@ -147,9 +147,9 @@ def _tls_listener(config: Config, sidecar: Sidecar) -> _TlsListener | None:
     """`tls_listen`: the same app over TLS (google-genai's Live API only dials wss://)."""
     if config.tls_listen is None:
         return None
-    from .tls import prepare_tls  # raises TlsError (an OSError): "cannot start: ..."
+    from .tls import prepare_tls_isolated  # raises TlsError (an OSError): "cannot start: ..."
 
-    files = prepare_tls(config.tls)
+    files = prepare_tls_isolated(config.tls)
     sock = bind(config.tls_listen)
     server = _Server(_uvicorn_config(sidecar.main_app, config, ssl_certfile=files.cert_file,
                                      ssl_keyfile=files.key_file))

@@ -548,7 +548,7 @@ def _pricing(top: _Section) -> Mapping[str, Any] | None:
         PricingTable.load(overrides)  # validated now, so a bad reload keeps the old config
     except PricingError as exc:
         raise ConfigError(str(exc)) from None
-    return overrides
+    return dict(overrides)
 
 
 def _caller_keys(section: _Section) -> CallerKeys:

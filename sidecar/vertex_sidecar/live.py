@@ -42,14 +42,15 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.frames import EXTERNAL_CLOSE_CODES
 
 from . import __version__
-from .config import API_VERSIONS, Config, Defaults, LiveLimits, Route
+from .config import Config, Defaults, LiveLimits, Route
 from .credentials import CredentialError, TokenSource
+from .errors import error_body
 from .headers import header_value, upstream_request_headers
 from .observe import AccessLog, RequestRecord
 from .policy import matches
 from .proxy import Receive, Scope, Send, new_request_id
 from .routing import PROJECT_SEGMENT_RE, RoutingError, Target, resolve
-from .state import SidecarState
+from .state import SidecarState, Snapshot
 from .usage import Usage, usage_from_live_message
 
 log = logging.getLogger("vertex_sidecar.live")
@@ -456,8 +457,9 @@ class LiveRelay:
         if endpoint is None:
             await _refuse_handshake(scope, send, 404, (
                 "the sidecar's Live API endpoints are /vertex_ai/live and /vertex_ai/ws/google.cloud.aiplatform."
-                f"v1.LlmBidiService/BidiGenerateContent; {path[:100]!r} is neither"))
+                f"v1.LlmBidiService/BidiGenerateContent; {path[:100]!r} is neither"), "UNKNOWN_PATH")
             return
+        snapshot = self.state.snapshot  # the whole session runs under one config
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         request_id = header_value(headers, b"x-request-id")
         record = RequestRecord(
@@ -468,9 +470,18 @@ class LiveRelay:
         tags = header_value(headers, b"tags")
         if tags:
             record.tags = tags.decode("utf-8", "replace")[:512]
-        await send({"type": "websocket.accept"})
-        session = _Session(self, scope, receive, send, endpoint, record)
+        session = _Session(self, snapshot, scope, receive, send, endpoint, record)
         try:
+            if snapshot.keys is not None:
+                caller = snapshot.keys.identify(header_value(headers, snapshot.keys.header))
+                if caller is None:  # like REST: refused before anything else happens
+                    record.status, record.error_reason = 401, "CALLER_KEY_REQUIRED"
+                    await _refuse_handshake(scope, send, 401, (
+                        f"this sidecar requires a caller key in the {snapshot.keys.header.decode()} header; "
+                        "ask your platform team for one"), "CALLER_KEY_REQUIRED")
+                    return
+                record.extra["caller"] = caller
+            await send({"type": "websocket.accept"})
             await session.run()
         finally:
             record.finish()
@@ -493,12 +504,10 @@ class LiveRelay:
         self.access_log.flush()  # one line per session: rare enough to write at once
 
 
-async def _refuse_handshake(scope: Scope, send: Send, status: int, message: str) -> None:
+async def _refuse_handshake(scope: Scope, send: Send, status: int, message: str, reason: str) -> None:
     """An HTTP answer instead of the upgrade, in Google's error shape when the server can."""
-    from .errors import error_body
-
     if "websocket.http.response" in scope.get("extensions", {}):
-        body = error_body(status, message, reason="UNKNOWN_PATH")
+        body = error_body(status, message, reason=reason)
         await send({"type": "websocket.http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json; charset=UTF-8")]})
         await send({"type": "websocket.http.response.body", "body": body})
@@ -509,9 +518,10 @@ async def _refuse_handshake(scope: Scope, send: Send, status: int, message: str)
 class _Session:
     """One relayed Live session; `run` returns when both sides are closed."""
 
-    def __init__(self, relay: LiveRelay, scope: Scope, receive: Receive, send: Send, endpoint: LiveEndpoint,
-                 record: RequestRecord) -> None:
+    def __init__(self, relay: LiveRelay, snapshot: Snapshot, scope: Scope, receive: Receive, send: Send,
+                 endpoint: LiveEndpoint, record: RequestRecord) -> None:
         self.relay = relay
+        self.snapshot = snapshot
         self.scope = scope
         self.receive = receive
         self.send = send
@@ -525,7 +535,7 @@ class _Session:
 
     # ------------------------------------------------------------------ setup
     async def run(self) -> None:
-        snapshot = self.relay.state.snapshot  # the whole session runs under one config
+        snapshot = self.snapshot
         try:
             frame = await self._first_message()
             if frame is None:
@@ -598,7 +608,7 @@ class _Session:
             pass  # the caller is already gone
 
     # ---------------------------------------------------------------- upstream
-    async def _connect_and_relay(self, snapshot: Any, decision: LiveDecision, setup: Frame,
+    async def _connect_and_relay(self, snapshot: Snapshot, decision: LiveDecision, setup: Frame,
                                  limits: LiveLimits) -> None:
         route = decision.route
         source: TokenSource | None = snapshot.credentials.get(route.credential)
@@ -635,9 +645,11 @@ class _Session:
                               status=503, error="CREDENTIALS_UNAVAILABLE", detail=str(exc)) from None
 
     async def _connect(self, decision: LiveDecision, token: str | None, forward_caller: bool) -> ClientConnection:
+        keys = self.snapshot.keys
         headers = upstream_request_headers(
             self.scope["headers"], bearer_token=token, quota_project=decision.route.quota_project,
-            forward_caller_credentials=forward_caller, extra_drop=_HANDSHAKE_HEADERS)
+            forward_caller_credentials=forward_caller,
+            extra_drop=_HANDSHAKE_HEADERS | {keys.header} if keys is not None else _HANDSHAKE_HEADERS)
         user_agent = header_value(self.scope["headers"], b"user-agent")
         try:
             return await websockets.connect(
@@ -666,7 +678,7 @@ class _Session:
     def _refusal(self, exc: InvalidStatus, decision: LiveDecision) -> LiveRefused:
         self.record.upstream_status = exc.response.status_code
         self.record.status = exc.response.status_code
-        return handshake_refusal(exc.response.status_code, exc.response.body or b"", decision.host)
+        return handshake_refusal(exc.response.status_code, bytes(exc.response.body or b""), decision.host)
 
     # ------------------------------------------------------------------- relay
     async def _relay(self, upstream: ClientConnection, limits: LiveLimits) -> None:

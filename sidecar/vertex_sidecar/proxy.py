@@ -71,6 +71,7 @@ class Proxy:
             started=time.perf_counter(),
             wall_time=time.time(),
             service=service,
+            request_headers=headers,  # for the configured header → metric label mappings
         )
         tags = header_value(headers, b"tags")
         if tags:
@@ -279,6 +280,8 @@ class Proxy:
         response_headers = client_response_headers(response.headers)
         content_type = header_value(response_headers, b"content-type")
         record.response_content_type = content_type.decode("latin-1") if content_type else None
+        encoding = header_value(response_headers, b"content-encoding")
+        record.response_content_encoding = encoding.decode("latin-1") if encoding else None
         response_headers.append((b"x-request-id", record.request_id.encode("latin-1")))
         parser = self.observer.response_started(record)
         watcher: asyncio.Task[None] | None = None

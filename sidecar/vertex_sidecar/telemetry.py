@@ -20,6 +20,7 @@ could not route are `route="none"`; header-label values are sanitised and capped
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Callable, Final
 
@@ -32,6 +33,8 @@ from .pricing import PricingTable, model_id
 from .usage import GzipUsageParser, NullUsageParser, Usage, UsageParser, new_usage_parser, operation_from_method
 
 __all__ = ["MAX_LABEL_VALUES", "MAX_MODEL_LABELS", "NONE", "OTHER", "Telemetry"]
+
+log = logging.getLogger("vertex_sidecar.telemetry")
 
 NONE: Final = "none"  # no route / no model in the path
 OTHER: Final = "other"  # a value beyond the caps, or not a sane name
@@ -53,10 +56,12 @@ class Telemetry:
 
     def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
         # `*_created` series double the exposition and Prometheus 2.x ignores them.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry or CollectorRegistry()
         self.process = ProcessMetrics(self.registry)
+        self._inflight = self.process.inflight
         self._header_labels: tuple[tuple[bytes, str], ...] = ()
+        self._header_index: dict[bytes, int] = {}
         self.traffic = TrafficMetrics(self.registry)
         self.pricing = PricingTable.default()
         self._reset_caches()
@@ -80,11 +85,14 @@ class Telemetry:
         if header_labels != self._header_labels:
             self.traffic.unregister()
             self._header_labels = header_labels
+            self._header_index = {name: index for index, (name, _) in enumerate(header_labels)}
             self.traffic = TrafficMetrics(self.registry, tuple(label for _, label in header_labels))
         self._reset_caches()
 
-    def config_reloaded(self, result: str) -> None:
-        """Count a config reload; `result` is "success" or "failure"."""
+    def config_reloaded(self, result: str, config: Config | None = None) -> None:
+        """Count a config reload ("success" | "failure"); on success adopt `config` (the new one)."""
+        if result == "success" and config is not None:
+            self.apply_config(config)
         self.process.config_reloads.labels(result).inc()
 
     def _reset_caches(self) -> None:
@@ -97,9 +105,16 @@ class Telemetry:
 
     # --------------------------------------------------------- Observer (HTTP)
     def request_started(self, record: RequestRecord) -> None:
-        self.process.inflight.inc()
+        self._inflight.value += 1
 
     def response_started(self, record: RequestRecord) -> ChunkParser | None:
+        try:
+            return self._parser_for(record)
+        except Exception:  # accounting must never break the relay
+            log.exception("telemetry: no usage parser for request %s", record.request_id)
+            return None
+
+    def _parser_for(self, record: RequestRecord) -> ChunkParser | None:
         if not 200 <= record.status < 300 or record.service != "aiplatform":
             return None  # error bodies carry no usage
         method = record.operation
@@ -124,7 +139,13 @@ class Telemetry:
         return parser
 
     def request_finished(self, record: RequestRecord) -> None:
-        self.process.inflight.dec()
+        self._inflight.value -= 1
+        try:
+            self._account_request(record)
+        except Exception:  # the access log line must still be written
+            log.exception("telemetry: accounting failed for request %s", record.request_id)
+
+    def _account_request(self, record: RequestRecord) -> None:
         parser = record.parser
         usage: Usage | None = None
         if parser is not None:
@@ -244,7 +265,7 @@ class Telemetry:
         """Values of the configured header labels ("" when absent)."""
         values = [""] * len(self._header_labels)
         if headers:
-            wanted = {name: index for index, (name, _) in enumerate(self._header_labels)}
+            wanted = self._header_index
             for name, raw in headers:
                 index = wanted.get(name.lower())
                 if index is not None:

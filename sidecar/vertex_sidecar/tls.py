@@ -1,4 +1,4 @@
-"""The TLS listener's certificate: a pod-local CA, a localhost certificate, a CA bundle.
+"""The TLS listener's files: certificate, key, and the CA bundle app containers trust.
 
 Why: google-genai dials its Live API at the base URL with the scheme switched to
 ``wss://``, so with a plain-HTTP sidecar it cannot connect. The sidecar therefore also
@@ -6,46 +6,39 @@ listens with TLS on localhost, and app containers trust it through ``SSL_CERT_FI
 pointing at a bundle the sidecar writes: the system roots plus the sidecar's CA (so the
 app can still reach every other TLS endpoint).
 
-- The CA lives in `state_dir` (an emptyDir: the root FS is read-only). It is reused
-  across sidecar restarts in the same pod, so apps that loaded the bundle keep trusting
-  the sidecar. It carries critical name constraints (localhost, 127.0.0.0/8, ::1): even
-  a leaked key cannot vouch for any other host.
-- The leaf certificate (localhost, 127.0.0.1, ::1) is issued anew at every start.
-- Or a mounted certificate (`cert_file`/`key_file`, issuer in `ca_file`) is used as is.
+- The pod-local CA (`localca`) lives in `state_dir` (an emptyDir: the root FS is
+  read-only) and is reused across sidecar restarts in the same pod, so apps that loaded
+  the bundle keep trusting the sidecar. The leaf certificate is issued anew at each start.
+- Or a mounted certificate (`cert_file`/`key_file`, its issuer in `ca_file`) is used.
 Keys are written 0600, certificates and the bundle 0644 (other containers read it);
 every file is replaced atomically, so a reader never sees half a bundle.
+
+`prepare_tls_isolated` does the work in a short-lived child process (``python -m
+vertex_sidecar.tls``): `cryptography` costs ~8 MB resident once imported, and the
+long-running sidecar never needs it again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import fcntl
-import ipaddress
+import json
 import logging
 import os
 import ssl
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from .config import TlsSettings
 
 log = logging.getLogger("vertex_sidecar.tls")
 
-CA_COMMON_NAME = "vertex-passthrough sidecar pod-local CA"
-CA_VALIDITY = dt.timedelta(days=3650)
-LEAF_VALIDITY = dt.timedelta(days=825)
-CA_MIN_REMAINING = dt.timedelta(days=900)  # a CA closer to expiry than a leaf's life is replaced
-CLOCK_SKEW = dt.timedelta(hours=1)  # backdate notBefore: containers' clocks differ a little
-LOCAL_DNS = ("localhost",)
-LOCAL_IPS = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
 # Where distributions keep their CA bundle, after what OpenSSL itself reports.
 SYSTEM_BUNDLES = (
     "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine
@@ -73,6 +66,24 @@ def default_state_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"vertex-sidecar-tls-{os.getuid()}")
 
 
+def prepare_tls_isolated(settings: TlsSettings, timeout_s: float = 60.0) -> TlsFiles:
+    """`prepare_tls` in a child process, so `cryptography` never loads into the sidecar."""
+    try:
+        child = subprocess.run([sys.executable, "-m", "vertex_sidecar.tls"],
+                               input=json.dumps(dataclasses.asdict(settings)), capture_output=True, text=True,
+                               timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise TlsError(f"TLS listener: preparing the certificate failed: {exc}") from None
+    if child.returncode == 0:
+        for line in child.stderr.splitlines():  # the child's log lines, in the sidecar's log
+            level, _, message = line.partition(" ")
+            log.log(logging.WARNING if level == "WARNING" else logging.INFO, "%s", message)
+    else:
+        lines = [line for line in child.stderr.splitlines() if line.strip()]
+        raise TlsError(lines[-1] if lines else f"TLS listener: preparation exited with {child.returncode}")
+    return TlsFiles(**json.loads(child.stdout))
+
+
 def prepare_tls(settings: TlsSettings, *, now: dt.datetime | None = None) -> TlsFiles:
     """Make sure the certificate, key and CA bundle exist; returns their paths."""
     now = now or dt.datetime.now(dt.timezone.utc)
@@ -86,10 +97,9 @@ def prepare_tls(settings: TlsSettings, *, now: dt.datetime | None = None) -> Tls
             trust = _read_pem(settings.ca_file, "tls.ca_file") if settings.ca_file else b""
         else:
             with _locked(state_dir):  # two sidecars sharing a dir must not issue two CAs
-                ca_cert, ca_key = _load_or_create_ca(state_dir, now)
-                cert_file, key_file = _issue_leaf(state_dir, ca_cert, ca_key, now)
+                trust = _ensure_ca(state_dir, now)
+                cert_file, key_file = _issue_leaf(state_dir, now)
             ca_cert_file = str(state_dir / "ca.crt")
-            trust = ca_cert.public_bytes(serialization.Encoding.PEM)
         system = find_system_roots(settings.system_ca_file, exclude=bundle_path)
         roots = _read_pem(system, "system CA bundle") if system else b""
         if not system:
@@ -106,101 +116,33 @@ def prepare_tls(settings: TlsSettings, *, now: dt.datetime | None = None) -> Tls
     return TlsFiles(str(cert_file), str(key_file), str(bundle_path), ca_cert_file, system)
 
 
-# ------------------------------------------------------------------------- the CA
+def _ensure_ca(state_dir: Path, now: dt.datetime) -> bytes:
+    """The CA certificate (PEM): the one a previous start left when still good, else a new one."""
+    from .localca import Pem, create_ca, usable_ca
 
-
-def _load_or_create_ca(state_dir: Path, now: dt.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     cert_path, key_path = state_dir / "ca.crt", state_dir / "ca.key"
-    existing = _load_ca(cert_path, key_path, now)
-    if existing is not None:
-        return existing
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_COMMON_NAME)])
-    public = key.public_key()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + CA_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.NameConstraints(permitted_subtrees=_local_names(subtrees=True), excluded_subtrees=None),
-                       critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()))
-    write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    log.info("created a pod-local CA in %s", state_dir)
-    return cert, key
-
-
-def _load_ca(cert_path: Path, key_path: Path,
-             now: dt.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
-    """The CA a previous start left, when it is ours, intact and far from expiry."""
     try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        existing: Pem | None = Pem(cert_path.read_bytes(), key_path.read_bytes())
     except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.warning("replacing the unreadable pod-local CA in %s: %s", cert_path.parent, exc)
-        return None
-    ours = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if (not isinstance(key, ec.EllipticCurvePrivateKey) or not ours or ours[0].value != CA_COMMON_NAME
-            or key.public_key().public_numbers() != cert.public_key().public_numbers()  # type: ignore[union-attr]
-            or cert.not_valid_after_utc - now < CA_MIN_REMAINING):
-        log.info("replacing the pod-local CA in %s (expiring, or not ours)", cert_path.parent)
-        return None
-    return cert, key
+        existing = None
+    if existing is not None and usable_ca(existing, now):
+        return existing.cert
+    if existing is not None:
+        log.info("replacing the pod-local CA in %s (unreadable, expiring or not ours)", state_dir)
+    ca = create_ca(now)
+    write_private(key_path, ca.key)
+    write_public(cert_path, ca.cert)
+    log.info("created a pod-local CA in %s", state_dir)
+    return ca.cert
 
 
-def _local_names(*, subtrees: bool) -> list[x509.GeneralName]:
-    names: list[x509.GeneralName] = [x509.DNSName(name) for name in LOCAL_DNS]
-    if subtrees:  # name constraints take networks
-        names += [x509.IPAddress(ipaddress.ip_network("127.0.0.0/8")), x509.IPAddress(ipaddress.ip_network("::1/128"))]
-    else:
-        names += [x509.IPAddress(ip) for ip in LOCAL_IPS]
-    return names
+def _issue_leaf(state_dir: Path, now: dt.datetime) -> tuple[str, str]:
+    from .localca import Pem, issue_leaf
 
-
-# ----------------------------------------------------------------------- the leaf
-
-
-def _issue_leaf(state_dir: Path, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
-                now: dt.datetime) -> tuple[str, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    public = key.public_key()
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    not_after = min(now + LEAF_VALIDITY, ca_cert.not_valid_after_utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(_local_names(subtrees=False)), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    leaf = issue_leaf(Pem((state_dir / "ca.crt").read_bytes(), (state_dir / "ca.key").read_bytes()), now)
     cert_path, key_path = state_dir / "tls.crt", state_dir / "tls.key"
-    write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()))
-    write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    write_private(key_path, leaf.key)
+    write_public(cert_path, leaf.cert)
     return str(cert_path), str(key_path)
 
 
@@ -232,8 +174,7 @@ def find_system_roots(explicit: str | None = None, *, exclude: Path | None = Non
 
 def write_bundle(path: Path, system_roots: bytes, extra: bytes) -> None:
     """System roots first, then ours, each ending in a newline (a PEM file may not)."""
-    parts = [system_roots, extra]
-    body = b"".join(part if part.endswith(b"\n") else part + b"\n" for part in parts if part)
+    body = b"".join(part if part.endswith(b"\n") else part + b"\n" for part in (system_roots, extra) if part)
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, body, 0o644)
 
@@ -289,3 +230,19 @@ def _check_loadable(cert_file: str, key_file: str) -> None:
         context.load_cert_chain(cert_file, key_file)
     except (OSError, ssl.SSLError) as exc:
         raise TlsError(f"TLS listener: cannot load certificate {cert_file} with key {key_file}: {exc}") from None
+
+
+def _main() -> int:
+    """The child of `prepare_tls_isolated`: settings as JSON on stdin, `TlsFiles` on stdout."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        files = prepare_tls(TlsSettings(**json.load(sys.stdin)))
+    except TlsError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(json.dumps(dataclasses.asdict(files)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

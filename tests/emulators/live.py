@@ -91,7 +91,7 @@ class LiveKnobs:
     close_after_turns: tuple[int, int, str] | None = None
     turn_every_audio_chunks: int = 0
     audio_reply_bytes: int = 9600  # per chunk: 0.2 s of 24 kHz PCM16
-    sessions: RequestLog = field(default_factory=lambda: RequestLog(200))  # LiveSessionRecord entries
+    sessions: collections.deque[LiveSessionRecord] = field(default_factory=lambda: collections.deque(maxlen=200))
     open_sessions: int = 0
 
 
@@ -276,6 +276,7 @@ class _Conversation:
         per_chunk = max(1, -(-len(words) // max(knobs.chunks, 1)))
         out_tokens = 0
         for i in range(max(knobs.chunks, 1)):
+            part: dict[str, Any]
             if self.audio_out:
                 pcm = bytes(knobs.audio_reply_bytes)
                 out_tokens += len(pcm) // _AUDIO_OUT_BYTES_PER_TOKEN
@@ -326,7 +327,7 @@ async def _live(websocket: WebSocket) -> None:
     version = websocket.path_params["version"]
     record = LiveSessionRecord(websocket.url.path, version, websocket.scope.get(UPSTREAM_HOST_KEY),
                                scope_headers(websocket.scope))
-    knobs.sessions.append(record)  # type: ignore[arg-type]
+    knobs.sessions.append(record)
     if version not in LIVE_VERSIONS:
         await _deny(websocket, 404, google_errors.not_found())
         return
@@ -413,7 +414,7 @@ def create_live_app(registry: TokenRegistry | None = None, *, fallback: ASGIApp 
         for name in ("registry", "keys", "metadata_app", "oauth_app", "vertex_app"):
             if hasattr(shared, name):
                 setattr(app.state, name, getattr(shared, name))
-        vertex = getattr(shared, "vertex_app", fallback)
+        vertex: Any = getattr(shared, "vertex_app", fallback)
         for name in ("known_models", "denied_projects"):
             if hasattr(vertex.state, name):
                 setattr(app.state, name, getattr(vertex.state, name))

@@ -21,6 +21,11 @@ import httpx
 import yaml
 
 
+# Everything any sidecar of this test session printed or served on its admin port, for
+# the audit that no token or key material ever shows up (tests/integration/test_zz_secrets_audit.py).
+SESSION_OUTPUT: list[tuple[str, str]] = []
+
+
 @dataclass
 class SidecarProcess:
     proc: subprocess.Popen[str]
@@ -61,7 +66,16 @@ class SidecarProcess:
             time.sleep(0.05)
         raise TimeoutError(f"sidecar not ready: {last.text if last is not None else 'no answer'}")
 
+    def collect_for_audit(self) -> None:
+        if self.proc.poll() is None:
+            for path in ("/metrics", "/readyz"):
+                try:
+                    SESSION_OUTPUT.append((f"{self.admin_url}{path}", httpx.get(self.admin_url + path, timeout=5).text))
+                except httpx.HTTPError:
+                    pass
+
     def terminate(self, timeout: float = 30.0) -> int:
+        self.collect_for_audit()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -69,6 +83,9 @@ class SidecarProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        time.sleep(0.05)  # let the pump threads read the last lines
+        SESSION_OUTPUT.append((f"sidecar {self.config_path.name} stdout", "\n".join(self.stdout_lines)))
+        SESSION_OUTPUT.append((f"sidecar {self.config_path.name} stderr", "\n".join(self.stderr_lines)))
         return self.proc.returncode
 
 

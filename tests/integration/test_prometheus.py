@@ -214,7 +214,8 @@ def send_traffic(client: httpx.Client, sidecar: SidecarProcess, phase: str) -> E
         rid, r = post("publishers/google/models/gemini-2.5-flash:generateContent", prompt, "gemini",
                       **{"x-team": "search", "tags": "exp-1, prod"})
         assert r.status_code == 200, r.text
-        expected.add_usage(rid, "gemini", "gemini-2.5-flash", "gemini-2.5-flash", gemini_usage(r.json()["usageMetadata"]))
+        expected.add_usage(rid, "gemini", "gemini-2.5-flash", "gemini-2.5-flash",
+                           gemini_usage(r.json()["usageMetadata"]))
     for _ in range(2):
         rid, r = post("publishers/google/models/gemini-2.0-flash-001:streamGenerateContent?alt=sse", prompt, "gemini",
                       **{"x-emulator-chunks": "3"})
@@ -224,7 +225,8 @@ def send_traffic(client: httpx.Client, sidecar: SidecarProcess, phase: str) -> E
         expected.streaming_ok += 1
     rid, r = post("publishers/google/models/gemini-2.5-flash:streamGenerateContent", prompt, "gemini")
     assert r.status_code == 200, r.text
-    expected.add_usage(rid, "gemini", "gemini-2.5-flash", "gemini-2.5-flash", gemini_usage(r.json()[-1]["usageMetadata"]))
+    expected.add_usage(rid, "gemini", "gemini-2.5-flash", "gemini-2.5-flash",
+                       gemini_usage(r.json()[-1]["usageMetadata"]))
     expected.streaming_ok += 1
     rid, r = post("publishers/google/models/gemini-2.5-flash:countTokens", prompt, "gemini")
     assert r.status_code == 200 and r.json()["totalTokens"] > 0, r.text  # free: logged, not counted
@@ -303,6 +305,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     with running_server(create_combined_app(project_id=PROJECT)) as emulator:
         metadata = emulator.app.state.metadata_app.state
         metadata.fail_tokens = True  # the first refreshes fail, as on a fresh GKE pod
+        metadata.fail_tokens_status = 404  # google-auth retries 5xx for seconds, a 404 it reports at once
         sidecar = start_sidecar({"upstreams": upstreams_for(emulator), **SIDECAR_CONFIG}, tmp, env=adc_env(emulator),
                                 wait_ready=False)
         prometheus: PrometheusProcess | None = None
@@ -444,7 +447,8 @@ def test_every_dashboard_query_runs_and_matches_the_traffic(scenario: Scenario) 
         "Tokens / s": lambda r: _approx(by(r), {(): io_tokens / seconds}),
         "Cost in range (USD)": lambda r: _approx(by(r), {(): sum(expected.cost_by_model.values())}),
         "In-flight requests": lambda r: _approx(by(r), {(): 0.0}),
-        "Requests / s by status code": lambda r: _approx(by(r, "code"), {(c,): n / seconds for c, n in by_code.items()}),
+        "Requests / s by status code": lambda r: _approx(by(r, "code"), {
+            (c,): n / seconds for c, n in by_code.items()}),
         "Upstream errors / s by reason": lambda r: _approx(by(r, "reason"), {
             ("status_503",): 1 / seconds, ("status_429",): 1 / seconds}),
         "Tokens / s by type": lambda r: _approx(by(r, "gen_ai_token_type"), {
@@ -541,6 +545,40 @@ def test_prometheus_loads_the_rules_and_they_go_pending(scenario: Scenario) -> N
     while pending() != {"VertexSidecarUpstream5xxRatioHigh", "VertexSidecar429RatioHigh"}:
         assert time.monotonic() < deadline, pending()
         time.sleep(0.2)
+
+
+def test_reload_applies_pricing_overrides_and_header_labels(tmp_path: Path) -> None:
+    with running_server(create_combined_app(project_id=PROJECT)) as emulator:
+        config: dict[str, Any] = {"upstreams": upstreams_for(emulator), "reload_interval_seconds": 0.1}
+        sidecar = start_sidecar(config, tmp_path, env=adc_env(emulator))
+        try:
+            url = (f"{sidecar.base_url}/v1/projects/{PROJECT}/locations/{LOCATION}/publishers/google/models/"
+                   "gemini-2.5-flash:generateContent")
+            prompt = {"contents": [{"role": "user", "parts": [{"text": "one two three"}]}]}
+            headers = {"x-team": "search", "x-request-id": "before"}
+            assert httpx.post(url, json=prompt, headers=headers).status_code == 200
+            overrides = {"pricing": {"models": {"gemini-2.5-flash": {"input": 1000.0, "output": 0.0}}},
+                         "metrics": {"header_labels": {"x-team": "team"}}}
+            sidecar.config_path.write_text(yaml.safe_dump({"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0",
+                                                           **config, **overrides}))
+            deadline = time.monotonic() + 20
+            while 'vertex_sidecar_config_reloads_total{result="success"} 1.0' not in httpx.get(
+                    f"{sidecar.admin_url}/metrics").text:
+                assert time.monotonic() < deadline, "the sidecar did not reload its config"
+                time.sleep(0.05)
+            response = httpx.post(url, json=prompt, headers={**headers, "x-request-id": "after"})
+            assert response.status_code == 200
+            metrics = httpx.get(f"{sidecar.admin_url}/metrics").text
+            assert 'team="search"' in metrics
+            input_tokens = response.json()["usageMetadata"]["promptTokenCount"]
+            deadline = time.monotonic() + 10
+            while not any(e["request_id"] == "after" for e in sidecar.access_log()):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            after = next(e for e in sidecar.access_log() if e["request_id"] == "after")
+            assert after["cost_usd"] == pytest.approx(input_tokens * 1000.0 / 1e6)
+        finally:
+            sidecar.terminate()
 
 
 # ---------------------------------------------------------------- files, no servers needed

@@ -9,6 +9,7 @@ client is synchronous and runs in worker threads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import ipaddress
 import json
@@ -25,6 +26,10 @@ import pytest
 import pytest_asyncio
 import yaml
 
+from tests.emulators.iam_policy import PolicyStore, create_iam_policy_app
+from tests.emulators.oauth import create_oauth_app, make_service_account_key
+from tests.emulators.serve import async_running_server
+from tests.emulators.tokens import TokenRegistry
 from tests.operator.harness import KubeEmulator
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -180,6 +185,43 @@ async def cluster(kube: KubeEmulator) -> AsyncIterator[Cluster]:
     client.close()
 
 
+# ---------------------------------------------------------------- Google
+
+
+OPERATOR_EMAIL = "vertex-operator@ops-project.iam.gserviceaccount.com"
+
+
+@dataclasses.dataclass
+class Google:
+    """Emulated IAM + Resource Manager (one URL), and the operator's ADC key for them."""
+
+    url: str
+    store: PolicyStore
+    registry: TokenRegistry
+    key_file: pathlib.Path
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        """Operator options that point it here."""
+        return {"iam_endpoint": self.url, "resource_manager_endpoint": self.url}
+
+
+@pytest_asyncio.fixture()
+async def google(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Google]:
+    """The emulators, with GOOGLE_APPLICATION_CREDENTIALS set: the operator's real ADC path
+    (google-auth signs a JWT with the key and gets its token from the OAuth emulator)."""
+    registry = TokenRegistry()
+    oauth = create_oauth_app(registry)
+    store = PolicyStore()
+    async with async_running_server(oauth) as token_server, \
+            async_running_server(create_iam_policy_app(registry, store)) as api_server:
+        key_file = tmp_path / "operator-key.json"
+        make_service_account_key(f"{token_server.url}/token", key_file, keys=oauth, project_id="ops-project",
+                                 client_email=OPERATOR_EMAIL)
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key_file))
+        yield Google(api_server.url, store, registry, key_file)
+
+
 # ---------------------------------------------------------------- webhook TLS
 
 
@@ -272,6 +314,8 @@ def operator_options(tls_files: dict[str, pathlib.Path]) -> Any:
         webhook_addr="127.0.0.1", webhook_port=None, webhook_host="127.0.0.1",
         webhook_cert=str(tls_files["cert"]), webhook_key=str(tls_files["key"]),
         webhook_ca=str(tls_files["ca"]), resync_seconds=3600,
+        # Credential bindings: short waits, so that retries and propagation fit in a test.
+        iam_propagation_seconds=0.3, binding_recheck_seconds=0.2, iam_retry_seconds=0.01,
     )
 
 
@@ -282,8 +326,6 @@ async def start_operator(kube: KubeEmulator, kubeconfig: pathlib.Path,
     running: list[OperatorThread] = []
 
     async def start(**overrides: Any) -> OperatorThread:
-        import dataclasses
-
         op = OperatorThread(dataclasses.replace(operator_options, **overrides))
         running.append(op)
         return await op.start()

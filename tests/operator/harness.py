@@ -201,7 +201,16 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
         selector = request.params.get("labelSelector")
+        since = request.params.get("resourceVersion")
         async for event in super()._serve_watch(request):
+            if since and since.isdigit() and isinstance(event, dict):
+                # As the API server does: only changes after the list's resourceVersion. kmock
+                # replays every object as ADDED, which re-delivers versions kopf already
+                # patched past (its resourceVersion-tested JSON patch then fails, and nothing
+                # new arrives to retry on).
+                seen = str(((event.get("object") or {}).get("metadata") or {}).get("resourceVersion") or "")
+                if seen.isdigit() and int(seen) <= int(since):
+                    continue
             if selector and isinstance(event, dict):
                 labels = ((event.get("object") or {}).get("metadata") or {}).get("labels") or {}
                 if not selector_matches(selector, labels):
@@ -336,6 +345,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     self._store(key, old)
                     await self._emit(request.resource, "MODIFIED", old)
                 return self._respond(old)
+            meta["resourceVersion"] = self._next_rv()  # a deletion is a change, as watches see it
             self._objects[key].delete()
             await self._emit(request.resource, "DELETED", old)
             await self._collect_garbage(meta.get("uid"))
@@ -353,6 +363,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if any(ref.get("uid") == owner_uid for ref in refs):
                 if (obj.get("metadata") or {}).get("finalizers"):
                     continue  # a real GC would wait; none of ours have finalizers
+                obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": self._next_rv()}}
                 stored.delete()
                 await self._emit(key[0], "DELETED", obj)
                 await self._collect_garbage((obj.get("metadata") or {}).get("uid"))

@@ -188,7 +188,10 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("unknown binding backend", credential(workloadIdentity=WI, binding={"backend": "terraform"}), "is not one of"),
     ("short token lifetime", credential(federation={"audience": "a", "credentialConfig": {"configMapName": "c"},
                                                     "tokenExpirationSeconds": 60}), "less than the minimum"),
-    ("federation without config", credential(federation={"audience": "a"}), "'credentialConfig' is a required"),
+    ("federation without config", credential(federation={"audience": "a"}),
+     "without credentialConfig the audience must name the pool provider"),
+    ("federation config without name", credential(federation={"audience": "a", "credentialConfig": {}}),
+     "'configMapName' is a required"),
     ("bad service account email", credential(workloadIdentity={"projectId": "my-project", "gcpServiceAccount": "me@gmail.com"}),
      "does not match"),
     ("bad role", credential(workloadIdentity=WI, binding={"roles": ["aiplatform.user"]}), "does not match"),
@@ -206,6 +209,13 @@ def test_bad_object_is_refused(name: str, obj: dict[str, Any], message: str) -> 
 def test_good_base_objects_pass() -> None:
     assert validation_errors(route()) == []
     assert validation_errors(credential(workloadIdentity=WI)) == []
+    # The operator looks the project number up itself with backend iamApi.
+    assert validation_errors(credential(workloadIdentity={"projectId": "my-project"},
+                                        binding={"backend": "iamApi"})) == []
+    # It renders the federation configuration itself when the audience names the provider.
+    provider = "//iam.googleapis.com/projects/123/locations/global/workloadIdentityPools/k8s/providers/c1"
+    for audience in (provider, "https:" + provider):
+        assert validation_errors(credential(federation={"audience": audience})) == []
 
 
 # ---------------------------------------------------------------- the schemas themselves

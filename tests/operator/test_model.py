@@ -61,6 +61,14 @@ def test_credential_modes_and_defaults() -> None:
     assert fed.sidecar_type == "external_account_file"
     assert fed.federation is not None and fed.federation.config_map_key == "credential-configuration.json"
     assert fed.federation.token_expiration_seconds == 3600
+    rendered = parse_credential(o.credential(federation={
+        "audience": "https://iam.googleapis.com/projects/123/locations/global/workloadIdentityPools/k8s/providers/c1"}))
+    assert rendered.federation is not None and rendered.federation.rendered
+    assert rendered.federation.config_map_name == "vertex-federation-vertex"
+    assert not fed.federation.rendered
+    looked_up = parse_credential(o.credential(workloadIdentity={"projectId": "my-project"}, binding={"backend": "iamApi"}))
+    assert looked_up.workload_identity is not None and looked_up.workload_identity.project_number is None
+    assert (looked_up.binding_roles, looked_up.binding_projects) == (None, None)
     key = parse_credential(o.credential(secretRef={"name": "s"}, serviceAccountName="runner"))
     assert key.sidecar_type == "service_account_file" and key.service_account_name == "runner"
     assert key.secret is not None and key.secret.key == "key.json"
@@ -72,7 +80,12 @@ def test_credential_modes_and_defaults() -> None:
      "exactly one"),
     ({"workloadIdentity": {}}, "projectId: required"),
     ({"workloadIdentity": {"projectId": "my-project", "gcpServiceAccount": "nope"}}, "gcpServiceAccount"),
-    ({"federation": {"audience": "a"}}, "configMapName: required"),
+    ({"federation": {"audience": "a"}}, "without credentialConfig it must name the pool provider"),
+    ({"federation": {"audience": "a", "credentialConfig": {}}}, "configMapName: required"),
+    ({"workloadIdentity": {"projectId": "my-project"}}, "projectNumber: direct Workload Identity needs it"),
+    ({"secretRef": {"name": "s"}, "binding": {"backend": "manual"}}, "does not apply to secretRef"),
+    ({"workloadIdentity": {"projectId": "my-project", "projectNumber": "1"}, "binding": {"roles": ["admin"]}},
+     "spec.binding.roles"),
 ])
 def test_credential_errors(spec: dict[str, Any], message: str) -> None:
     body = o.credential()

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from vertex_sidecar.config import parse_config_text
+from vertex_sidecar.config import Config, parse_config_text
 from vertex_sidecar.live import (
+    LiveDecision,
     LiveEndpoint,
     LiveQuery,
     LiveRefused,
@@ -41,7 +42,7 @@ routes:
 """)
 
 
-def decide(model: str | None, query: str = "", config=ROUTES, endpoint: LiveEndpoint = LIVE):
+def decide(model: str | None, query: str = "", config: Config = ROUTES, endpoint: LiveEndpoint = LIVE) -> LiveDecision:
     return decide_live(model, query=LiveQuery.parse(query.encode()), endpoint=endpoint, config=config)
 
 

@@ -39,7 +39,8 @@ class Harness:
     def request(self, body: bytes | list[bytes] = b"", *, status: int = 200, route: str | None = "default",
                 model: str | None = "gemini-2.5-flash", publisher: str | None = "google",
                 operation: str | None = "generateContent", content_type: str = "application/json",
-                encoding: str | None = None, upstream_status: int | None | str = "same", error_reason: str | None = None,
+                encoding: str | None = None, upstream_status: int | None | str = "same",
+                error_reason: str | None = None,
                 headers: list[tuple[bytes, bytes]] | None = None, tags: str | None = None,
                 first_byte_delay: float = 0.0) -> dict[str, Any]:
         record = RequestRecord(request_id="r", method="POST", started=time.perf_counter() - 1.0,
@@ -213,9 +214,9 @@ def test_reload_swaps_pricing_and_rebuilds_labelled_series() -> None:
     h = Harness()
     h.request(GEMINI_JSON)
     before = h.value("vertex_sidecar_cost_usd_total", route="default", model="gemini-2.5-flash")
-    h.telemetry.apply_config(parse_config({"pricing": {"models": {"gemini-2.5-flash": {"input": 300.0}}},
-                                           "metrics": {"header_labels": {"x-team": "team"}}}))
-    h.telemetry.config_reloaded("success")
+    h.telemetry.config_reloaded("success", parse_config({
+        "pricing": {"models": {"gemini-2.5-flash": {"input": 300.0}}},
+        "metrics": {"header_labels": {"x-team": "team"}}}))
     entry = h.request(GEMINI_JSON, headers=[(b"x-team", b"a")])
     assert entry["cost_usd"] > before * 10
     assert h.value("vertex_sidecar_requests_total", route="default", model="gemini-2.5-flash",
@@ -247,8 +248,8 @@ def test_credentials_live_ready_and_build_info() -> None:
     assert fields["tokens"]["input_tokens"] == 7 and fields["pricing"] in ("known", "unknown")
     assert h.value("vertex_sidecar_live_sessions", route="gemini") == 1
     assert h.value("vertex_sidecar_live_sessions_started_total", route="gemini") == 2
-    assert h.value("vertex_sidecar_live_tokens_total", route="gemini", model=t._model_label("gemini-2.0-flash-live-001", True),
-                   gen_ai_token_type="input") == 7
+    live_model = t._model_label("gemini-2.0-flash-live-001", True)
+    assert h.value("vertex_sidecar_live_tokens_total", route="gemini", model=live_model, gen_ai_token_type="input") == 7
     assert h.value("vertex_sidecar_live_session_duration_seconds_sum", route="gemini") == 12.5
     assert h.value("gen_ai_client_token_usage_sum", gen_ai_token_type="output",
                    gen_ai_request_model=t._model_label("gemini-2.0-flash-live-001", True),
@@ -301,3 +302,24 @@ def test_accounting_overhead_is_small() -> None:
         h.telemetry.request_finished(record)
     per_request = (time.perf_counter() - start) / 2000
     assert per_request < 0.5e-3, f"{per_request * 1e6:.0f} µs per request"
+
+
+def test_count_tokens_is_logged_but_not_counted() -> None:
+    h = Harness()
+    entry = h.request(b'{"totalTokens": 12, "totalBillableCharacters": 40}', operation="countTokens")
+    assert entry["tokens"]["input_tokens"] == 12 and entry["tokens"]["billable"] is False
+    assert entry["cost_usd"] == 0
+    assert tokens(h, "input", operation="count_tokens") == 0
+    assert h.value("vertex_sidecar_requests_total", route="default", model="gemini-2.5-flash",
+                   operation="count_tokens", code="200") == 1
+
+
+def test_a_telemetry_failure_never_costs_the_access_log_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    h = Harness()
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(h.telemetry, "_series_for", broken)
+    entry = h.request(GEMINI_JSON)
+    assert entry["status"] == 200 and h.value("vertex_sidecar_inflight_requests") == 0

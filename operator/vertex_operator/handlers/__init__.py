@@ -6,12 +6,10 @@ the operator's memo as `memo.controller`):
 * `setup`   — operator settings (finalizer, storage prefixes, webhook server), API login.
 * `indexes` — in-memory indexes of routes, credentials and workloads (by namespace).
 * `routes`  — VertexRoute lifecycle, and the credential/workload events that affect routes.
+* `credentials` — VertexCredential lifecycle: service accounts, IAM grants, status.
 * `pods`    — the Pod CREATE mutating webhook that injects the sidecar.
-
-VertexCredential reconciliation (service accounts, IAM bindings) gets its own module
-(`credentials`) registered here the same way.
 """
 
-from vertex_operator.handlers import indexes, pods, routes, setup
+from vertex_operator.handlers import credentials, indexes, pods, routes, setup
 
-__all__ = ["indexes", "pods", "routes", "setup"]
+__all__ = ["credentials", "indexes", "pods", "routes", "setup"]

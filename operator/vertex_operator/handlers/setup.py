@@ -39,4 +39,4 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, logger: kopf.Log
 
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
-    memo.controller.close()
+    await memo.controller.close()

