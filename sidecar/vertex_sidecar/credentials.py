@@ -191,13 +191,20 @@ class TokenSource:
     def expires_at(self) -> float:
         return self._expires_at
 
-    async def token(self) -> str:
-        """A valid access token; waits for a refresh only when the cached one is (nearly) expired."""
+    def cached(self) -> str | None:
+        """The cached token while it is valid (no await: the hot path); None means call `token()`."""
         now = time.time()
         if self._token is not None and now < self._expires_at - MIN_VALIDITY_S:
             if now >= self._expires_at - REFRESH_AHEAD_S and self._refreshing is None:
                 self._start_refresh()  # in the background; the cached token is still good
             return self._token
+        return None
+
+    async def token(self) -> str:
+        """A valid access token; waits for a refresh only when the cached one is (nearly) expired."""
+        cached = self.cached()
+        if cached is not None:
+            return cached
         if (self._refreshing is None and self.last_error is not None
                 and time.monotonic() - self._failed_at < FAILURE_HOLD_S):
             # A broken credential must not turn every incoming request into a call to Google.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Iterable
 
 HeaderList = list[tuple[bytes, bytes]]
@@ -23,11 +24,7 @@ def upstream_request_headers(client_headers: Iterable[tuple[bytes, bytes]], *, b
                              quota_project: str | None = None, forward_caller_credentials: bool = False,
                              extra_drop: frozenset[bytes] = frozenset()) -> HeaderList:
     """The headers sent to Google: the caller's, minus hop-by-hop and credentials, plus ours."""
-    drop = REQUEST_DROP | extra_drop
-    if not forward_caller_credentials:
-        drop = drop | CALLER_CREDENTIALS
-    if quota_project:
-        drop = drop | {b"x-goog-user-project"}
+    drop = _drop_set(extra_drop, forward_caller_credentials, bool(quota_project))
     connection_tokens = _connection_tokens(client_headers)
     result = [(name, value) for name, value in client_headers
               if name not in drop and name not in connection_tokens]
@@ -36,6 +33,16 @@ def upstream_request_headers(client_headers: Iterable[tuple[bytes, bytes]], *, b
     if quota_project:
         result.append((b"x-goog-user-project", quota_project.encode("ascii")))
     return result
+
+
+@lru_cache(maxsize=64)
+def _drop_set(extra_drop: frozenset[bytes], forward_caller_credentials: bool, quota_project: bool) -> frozenset[bytes]:
+    drop = REQUEST_DROP | extra_drop
+    if not forward_caller_credentials:
+        drop |= CALLER_CREDENTIALS
+    if quota_project:
+        drop |= {b"x-goog-user-project"}
+    return drop
 
 
 def client_response_headers(upstream_headers: Iterable[tuple[bytes, bytes]]) -> HeaderList:

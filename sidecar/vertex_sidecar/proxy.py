@@ -101,11 +101,11 @@ class Proxy:
         body_model: str | None = None
         body: bytes | None = None
         streamed: AsyncIterator[bytes] | None = None
-        if needs_body_model(resolve_target(subpath, service, config)):
+        if "endpoints/openapi/" in subpath and needs_body_model(resolve_target(subpath, service, config)):
             # The OpenAI-compatible endpoint names its model in the body: read it (bounded).
             body, streamed = await self._read_body_start(receive, max_body, record, keep_up_to=max_body)
             body_model = _openai_body_model(body, strict=not config.allow_all)
-        decision = decide(subpath, service, config, body_model)
+        decision = snapshot.decide(subpath, service, body_model)
         route, target = decision.route, decision.target
         if decision.body_model is not None and body is not None:
             body = _rewrite_openai_model(body, decision.body_model)
@@ -178,7 +178,7 @@ class Proxy:
 
     async def _send_once(self, exchange: "_Exchange", route: Route, target: Target) -> UpstreamResponse:
         if exchange.source is not None:
-            exchange.token = await self._token(exchange.source)
+            exchange.token = exchange.source.cached() or await self._token(exchange.source)
         upstream_headers = upstream_request_headers(
             exchange.headers, bearer_token=exchange.token, quota_project=route.quota_project,
             forward_caller_credentials=exchange.forward_caller, extra_drop=exchange.extra_drop,

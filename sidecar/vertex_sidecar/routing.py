@@ -45,8 +45,7 @@ class Origin:
 
     @property
     def host_header(self) -> str:
-        default_port = 443 if self.scheme == "https" else 80
-        return self.host if self.port == default_port else f"{self.host}:{self.port}"
+        return _host_header(self.scheme, self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +64,12 @@ class Target:
     @property
     def url(self) -> str:
         return f"{self.origin.scheme}://{self.origin.host_header}{self.origin.prefix}{self.path}"
+
+
+@lru_cache(maxsize=256)
+def _host_header(scheme: str, host: str, port: int) -> str:
+    default_port = 443 if scheme == "https" else 80
+    return host if port == default_port else f"{host}:{port}"
 
 
 def is_valid_location(location: str) -> bool:

@@ -12,6 +12,11 @@ from .callerkeys import KeyCheck, load_key_check
 from .config import Config
 from .credentials import CredentialRegistry, RefreshObserver
 from .limits import Limiters
+from .policy import Decision, decide
+from .routing import Service
+
+
+DECISION_CACHE_SIZE = 1024
 
 
 @dataclass
@@ -19,6 +24,22 @@ class Snapshot:
     config: Config
     credentials: CredentialRegistry
     keys: KeyCheck | None = None
+    # Route decisions are pure in (path, service) for a given config, and apps call the same
+    # few paths over and over: remember them (bounded) instead of resolving every request.
+    _decisions: dict[tuple[str, str], Decision] = field(default_factory=dict)
+
+    def decide(self, subpath: str, service: Service, body_model: str | None = None) -> Decision:
+        """policy.decide, cached; errors are not cached (they are cheap and rare)."""
+        if body_model is not None:
+            return decide(subpath, service, self.config, body_model)
+        key = (subpath, service)
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = decide(subpath, service, self.config)
+            if len(self._decisions) >= DECISION_CACHE_SIZE:
+                self._decisions.clear()
+            self._decisions[key] = decision
+        return decision
 
     @classmethod
     def build(cls, config: Config, refresh_observer: RefreshObserver | None = None) -> "Snapshot":

@@ -121,6 +121,10 @@ class PolicyStore:
         with self.lock:
             self._failures.append([method, resource, code, times])
 
+    def clear_failures(self) -> None:
+        with self.lock:
+            self._failures.clear()
+
     # -- reading and foreign edits
 
     def policy(self, resource: str) -> dict[str, Any]:

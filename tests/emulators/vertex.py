@@ -35,6 +35,7 @@ from . import google_errors
 from .anthropic import handle_anthropic_model
 from .discovery import handle_search
 from .emulator_paths import emulator_routes
+from .live import live_routes
 from .google_json import json_response
 from .google_models import handle_google_model
 from .model_call import ModelCall, error_response
@@ -138,6 +139,7 @@ def create_vertex_app(registry: TokenRegistry | None) -> Starlette:
             methods=["POST"],
         ),
         *emulator_routes(),
+        *live_routes(),
         # Last: a full match here beats a method mismatch above, so wrong methods get Google's 404.
         Route("/{rest:path}", _catch_all, methods=_ALL_METHODS),
     ]

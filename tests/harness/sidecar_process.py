@@ -34,6 +34,7 @@ class SidecarProcess:
     config_path: Path
     stdout_lines: list[str] = field(default_factory=list)
     stderr_lines: list[str] = field(default_factory=list)
+    listening: dict[str, Any] = field(default_factory=dict)  # the first stdout line: bound addresses
 
     @property
     def base_url(self) -> str:
@@ -122,7 +123,7 @@ def start_sidecar(config: dict[str, Any], tmp_path: Path, *, env: dict[str, str]
     listening = json.loads(first)
     threading.Thread(target=_pump, args=(proc.stdout, stdout), daemon=True).start()
     sidecar = SidecarProcess(proc, f"http://{listening['listen']}", f"http://{listening['admin_listen']}",
-                             config_path, stdout, stderr)
+                             config_path, stdout, stderr, listening)
     if wait_ready:
         sidecar.wait_ready()
     return sidecar

@@ -113,11 +113,16 @@ class Cluster:
         "ConfigMap": ("core", "namespaced_config_map"),
         "Pod": ("core", "namespaced_pod"),
         "Secret": ("core", "namespaced_secret"),
+        "ServiceAccount": ("core", "namespaced_service_account"),
         "Deployment": ("apps", "namespaced_deployment"),
         "StatefulSet": ("apps", "namespaced_stateful_set"),
         "DaemonSet": ("apps", "namespaced_daemon_set"),
     }
-    CUSTOM = {"VertexRoute": "vertexroutes", "VertexCredential": "vertexcredentials"}
+    CUSTOM = {
+        "VertexRoute": (GROUP, VERSION, "vertexroutes"),
+        "VertexCredential": (GROUP, VERSION, "vertexcredentials"),
+        "IAMPolicyMember": ("iam.cnrm.cloud.google.com", "v1beta1", "iampolicymembers"),
+    }
 
     def __init__(self, url: str) -> None:
         configuration = kubernetes.client.Configuration()
@@ -137,16 +142,16 @@ class Cluster:
         if kind == "Namespace":
             return await self._call(self.core.create_namespace, obj)
         if kind in self.CUSTOM:
-            return await self._call(self.custom.create_namespaced_custom_object, GROUP, VERSION, ns,
-                                    self.CUSTOM[kind], obj)
+            return await self._call(self.custom.create_namespaced_custom_object, *self.CUSTOM[kind][:2], ns,
+                                    self.CUSTOM[kind][2], obj)
         api, suffix = self.NAMESPACED[kind]
         return await self._call(getattr(getattr(self, api), f"create_{suffix}"), ns, obj)
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             if kind in self.CUSTOM:
-                return await self._call(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace,
-                                        self.CUSTOM[kind], name)
+                return await self._call(self.custom.get_namespaced_custom_object, *self.CUSTOM[kind][:2], namespace,
+                                        self.CUSTOM[kind][2], name)
             api, suffix = self.NAMESPACED[kind]
             return await self._call(getattr(getattr(self, api), f"read_{suffix}"), name, namespace)
         except kubernetes.client.ApiException as exc:
@@ -160,7 +165,7 @@ class Cluster:
         if kind in self.CUSTOM:
             fn = (self.custom.patch_namespaced_custom_object_status if status
                   else self.custom.patch_namespaced_custom_object)
-            return await self._call(fn, GROUP, VERSION, namespace, self.CUSTOM[kind], name, patch,
+            return await self._call(fn, *self.CUSTOM[kind][:2], namespace, self.CUSTOM[kind][2], name, patch,
                                     _content_type=merge)
         api, suffix = self.NAMESPACED[kind]
         return await self._call(getattr(getattr(self, api), f"patch_{suffix}"), name, namespace, patch,
@@ -168,8 +173,8 @@ class Cluster:
 
     async def delete(self, kind: str, namespace: str, name: str) -> None:
         if kind in self.CUSTOM:
-            await self._call(self.custom.delete_namespaced_custom_object, GROUP, VERSION, namespace,
-                             self.CUSTOM[kind], name)
+            await self._call(self.custom.delete_namespaced_custom_object, *self.CUSTOM[kind][:2], namespace,
+                             self.CUSTOM[kind][2], name)
             return
         api, suffix = self.NAMESPACED[kind]
         await self._call(getattr(getattr(self, api), f"delete_{suffix}"), name, namespace)
@@ -213,13 +218,17 @@ async def google(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Asy
     registry = TokenRegistry()
     oauth = create_oauth_app(registry)
     store = PolicyStore()
-    async with async_running_server(oauth) as token_server, \
-            async_running_server(create_iam_policy_app(registry, store)) as api_server:
+    apis = create_iam_policy_app(registry, store)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # one server: one shutdown to wait for
+        await (oauth if scope.get("path") == "/token" else apis)(scope, receive, send)
+
+    async with async_running_server(app) as server:
         key_file = tmp_path / "operator-key.json"
-        make_service_account_key(f"{token_server.url}/token", key_file, keys=oauth, project_id="ops-project",
+        make_service_account_key(f"{server.url}/token", key_file, keys=oauth, project_id="ops-project",
                                  client_email=OPERATOR_EMAIL)
         monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key_file))
-        yield Google(api_server.url, store, registry, key_file)
+        yield Google(server.url, store, registry, key_file)
 
 
 # ---------------------------------------------------------------- webhook TLS

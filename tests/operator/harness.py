@@ -139,6 +139,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self.server_version = {"major": "1", "minor": "31", "gitVersion": "v1.31.0"}
         self["get", re.compile(r"^/version/?$")] << (lambda: self.server_version)
 
+    def declare(self, group: str, version: str, plural: str, kind: str, *, namespaced: bool = True,
+                subresources: tuple[str, ...] = ("status",)) -> None:
+        """Serve another resource type, as if its CRD were installed (e.g. Config Connector's)."""
+        self.resources[f"{group}/{version}/{plural}"] = kmock.ResourceInfo(
+            kind=kind, singular=kind.lower(), namespaced=namespaced, shortnames=[], categories=[],
+            verbs=["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
+            subresources=list(subresources))
+
     def fail(self, method: str, path: str, status: int = 500, times: int = 1) -> None:
         """Fault injection: answer the next `times` matching requests with `status`."""
         self._faults.append([method, re.compile(path), status, times])
@@ -369,6 +377,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 await self._collect_garbage((obj.get("metadata") or {}).get("uid"))
 
     # -- assertions
+
+    def objects_of(self, group: str, plural: str) -> list[dict[str, Any]]:
+        """The stored (not deleted) objects of a resource type."""
+        return [copy.deepcopy(stored.raw) for key, stored in list(self._objects.items())
+                if key[0].group == group and key[0].plural == plural and not stored.deleted]
 
     def api_requests(self, user_agent_prefixes: tuple[str, ...]) -> list[tuple[str, str, str]]:
         """(apiGroup, resource[/subresource], verb) of requests made by the given clients."""
