@@ -8,6 +8,7 @@ observer may return a usage parser to be fed every response chunk), and when it 
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,6 +66,15 @@ class Observer(Protocol):
     def request_finished(self, record: RequestRecord) -> None: ...
 
 
+# One encoder for every line: json.dumps with options builds a new encoder per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
+@lru_cache(maxsize=4)
+def _utc_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 class AccessLog:
     """One JSON line per request on stdout (design §3). Never includes headers or bodies.
 
@@ -91,7 +101,7 @@ class AccessLog:
     @staticmethod
     def entry(record: RequestRecord) -> dict[str, Any]:
         entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.wall_time))
+            "time": _utc_second(int(record.wall_time))
                     + f".{int(record.wall_time % 1 * 1000):03d}Z",
             "request_id": record.request_id,
             "route": record.route,
@@ -117,7 +127,7 @@ class AccessLog:
         return entry
 
     def write(self, entry: dict[str, Any]) -> None:
-        self._pending.append(json.dumps(entry, separators=(",", ":"), default=str))
+        self._pending.append(_ENCODER.encode(entry))
         if len(self._pending) >= 256:
             self.flush()
 
