@@ -192,7 +192,10 @@ class CredentialController:
         # The identity and its grants.
         identity, lookup_error = await self._identity(credential)
         commands: list[str]
-        if lookup_error is not None:
+        if account_problem is not None and account_problem[0] == "ServiceAccountConflict":
+            # Its member would name an account that is not this credential's: grant nothing.
+            binding, commands = cond.condition("BindingReady", False, *account_problem), []
+        elif lookup_error is not None:
             binding, commands = cond.condition("BindingReady", False, *describe(lookup_error)), []
         else:
             binding, commands = await self._bind(credential, identity, ledger, status, log)
@@ -203,11 +206,14 @@ class CredentialController:
             generation=credential.generation, service_account=credential.service_account_name,
             member=identity.member, ledger=ledger, binding=binding, ready=ready,
             commands=commands, warnings=warnings)
+        before = cond.find((self._statuses.get(uid) or status).get("conditions"), "Ready")
         await self._write_status(namespace, name, uid, status, result)
-        if ready["status"] == "False":
+        if ready["status"] == "False" and ready["reason"] not in ("Propagating", "Waiting"):  # those are no errors
             metrics.ERRORS.labels("binding").inc()
-            log.warning("VertexCredential %s/%s is not Ready (%s): %s", namespace, name, ready["reason"],
-                        ready["message"])
+            news = before is None or (before.get("reason"), before.get("message")) != (ready["reason"], ready["message"])
+            # A warning (and so a Kubernetes Event) when the problem is new, not at every retry.
+            (log.warning if news else log.debug)("VertexCredential %s/%s is not Ready (%s): %s", namespace, name,
+                                                 ready["reason"], ready["message"])
         self._after(uid, binding, ready)
         return result.to_dict()
 

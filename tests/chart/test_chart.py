@@ -457,7 +457,7 @@ def _markdown_samples(path: Path) -> list[dict[str, Any]]:
 def test_install_guide_samples_match_the_crds() -> None:
     from tests.operator.test_crd_schema import validation_errors
 
-    samples = _markdown_samples(ROOT / "docs" / "install.md")
+    samples = _markdown_samples(ROOT / "README.md")
     assert {d["kind"] for d in samples} == {"VertexCredential", "VertexRoute"}
     for doc in samples:
         assert validation_errors(doc) == [], doc["metadata"]["name"]
@@ -477,7 +477,7 @@ def _schema_allows(path: str) -> bool:
 
 def test_install_guide_values_exist() -> None:
     # Every `--set a.b.c=` in the guide names a real value.
-    text = (ROOT / "docs" / "install.md").read_text()
+    text = (ROOT / "README.md").read_text()
     paths = re.findall(r"--set(?:-string)? ([\w.-]+?)(?:\[\d+\])?=", text)
     assert paths
     assert [p for p in paths if not _schema_allows(p)] == []
@@ -485,6 +485,6 @@ def test_install_guide_values_exist() -> None:
 
 def test_install_guide_shows_the_architecture_source() -> None:
     source = (ROOT / "docs" / "architecture.mmd").read_text()
-    blocks = re.findall(r"```mermaid\n(.*?)```", (ROOT / "docs" / "install.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```mermaid\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     assert blocks == [source]
     assert source.startswith("flowchart ")

@@ -309,10 +309,11 @@ async def _dispatch(request: Request) -> Response:
         store._run_after_get(resource)
         return answer(response)
 
-    policy = body.get("policy")
-    if (problem_text := _invalid_policy(policy)) is not None:
+    written_policy = body.get("policy")
+    if (problem_text := _invalid_policy(written_policy)) is not None:
         return answer(_error(request, google_errors.bad_request(problem_text, "policy")))
-    assert isinstance(policy, dict)
+    assert isinstance(written_policy, dict)
+    policy = written_policy
     with store.lock:
         current = store.policy(resource)
         if policy.get("etag") and policy["etag"] != current["etag"]:

@@ -14,7 +14,8 @@ the API server does where kopf and the operator depend on it:
 * finalizers and `deletionTimestamp`; garbage collection of owned objects (ownerReferences);
 * label selectors on list and watch;
 * `/api/v1/namespaces[/NAME]`, which kmock 0.8 misparses;
-* resources declared from our CRD files (kmock does not learn them from a posted CRD).
+* resources declared from our CRD files (kmock does not learn them from a posted CRD), and
+  404 for resource types nobody declared (kmock would store anything).
 
 Everything else (routing, discovery, watch streams, the request log) is kmock's.
 """
@@ -189,6 +190,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 fault[3] -= 1
                 raise kmock.KubernetesError(status=status, reason="InjectedFault", message="injected by the test")
         if request.resource is not None and request.resource.plural:
+            if not self._info(request.resource).kind:
+                # Not installed (e.g. Config Connector's CRDs): the API server has no such path.
+                raise kmock.KubernetesError(status=404, reason="NotFound",
+                                            message="the server could not find the requested resource")
             if request.method == "POST" and request.name is None:
                 return await self._create(request)
             if request.method == "PATCH" and request.name is not None:

@@ -28,6 +28,19 @@ def test_flags_like_kopf_run() -> None:
     assert cli.options_from_args(cli.build_parser().parse_args(["-A"])).clusterwide
 
 
+def test_google_endpoints_and_binding_timings() -> None:
+    defaults = cli.options_from_args(cli.build_parser().parse_args([]))
+    assert defaults.iam_endpoint == "https://iam.googleapis.com"
+    assert defaults.resource_manager_endpoint == "https://cloudresourcemanager.googleapis.com"
+    assert (defaults.iam_propagation_seconds, defaults.binding_recheck_seconds) == (120.0, 10.0)
+    options = cli.options_from_args(cli.build_parser().parse_args([
+        "--iam-endpoint", "http://127.0.0.1:9/iam", "--resource-manager-endpoint", "http://127.0.0.1:9/crm",
+        "--iam-propagation-seconds", "5", "--binding-recheck-seconds", "1"]))
+    assert (options.iam_endpoint, options.resource_manager_endpoint) == ("http://127.0.0.1:9/iam",
+                                                                         "http://127.0.0.1:9/crm")
+    assert (options.iam_propagation_seconds, options.binding_recheck_seconds) == (5.0, 1.0)
+
+
 def test_excluded_namespaces() -> None:
     options = cli.options_from_args(cli.build_parser().parse_args(["--operator-namespace", "vertex-system"]))
     assert options.excluded_namespaces == {"kube-system", "kube-public", "kube-node-lease", "vertex-system"}

@@ -40,11 +40,12 @@ def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
 
 
 async def wait_for(cluster: Cluster, kind: str, name: str, type_: str, status: str, reason: str | None = None,
-                   timeout: float = 15.0) -> dict[str, Any]:
+                   message: str = "", timeout: float = 15.0) -> dict[str, Any]:
     async def check() -> dict[str, Any]:
         obj = await cluster.get(kind, o.NS, name)
         found = condition(obj, type_)
         assert found["status"] == status and (reason is None or found["reason"] == reason), found
+        assert message in found["message"], found
         return obj  # type: ignore[return-value]
     return await eventually(check, timeout=timeout)
 
@@ -222,8 +223,8 @@ async def test_permission_denied_is_reported_and_retried(
     assert "lacks permission resourcemanager.projects.setIamPolicy on project my-vertex" in message
     assert "roles/resourcemanager.projectIamAdmin" in message
     assert credential["status"]["bindings"] == []  # refused for sure: not recorded
-    route = await wait_for(cluster, "VertexRoute", "gemini", "Ready", "False", "CredentialNotReady")
-    assert "is not Ready (PermissionDenied)" in condition(route, "Ready")["message"]
+    await wait_for(cluster, "VertexRoute", "gemini", "Ready", "False", "CredentialNotReady",
+                   message="is not Ready (PermissionDenied): The operator's Google identity lacks permission")
 
     google.store.allow("resourcemanager.projects.setIamPolicy", "projects/my-vertex")
     await wait_for(cluster, "VertexCredential", "vertex", "Ready", "True", "Ready")
@@ -367,6 +368,23 @@ async def test_secret_key_works_but_is_warned(kube: KubeEmulator, cluster: Clust
     assert "long-lived service account key" in credential["status"]["warnings"][0]
     assert "long-lived service account key" in condition(credential, "Ready")["message"]
     assert await cluster.get("ServiceAccount", o.NS, "vertex") is not None
+    await cluster.delete("VertexCredential", o.NS, "vertex")
+    await gone(cluster, "ServiceAccount", "vertex")
+
+
+async def test_federation_with_iam_api_grants_the_federated_principal(
+        kube: KubeEmulator, cluster: Cluster, google: Google, start_operator: Any) -> None:
+    google_projects(google)
+    await start_operator(**google.endpoints)
+    await create(cluster, o.namespace(), o.credential(
+        federation={"audience": PROVIDER}, binding={"backend": "iamApi", "projects": ["my-vertex"]}))
+    await wait_for(cluster, "VertexCredential", "vertex", "Ready", "True", "Ready")
+    principal = ("principal://iam.googleapis.com/projects/42/locations/global/workloadIdentityPools/k8s/"
+                 "subject/system:serviceaccount:team-a:vertex")
+    assert google.store.members(project_resource("my-vertex"), ROLE) == [principal]
+    await cluster.delete("VertexCredential", o.NS, "vertex")
+    await gone(cluster, "VertexCredential", "vertex")
+    assert google.store.members(project_resource("my-vertex"), ROLE) == []
 
 
 @pytest.mark.parametrize("taken_by", ["annotation", "owner"])

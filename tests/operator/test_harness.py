@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import kubernetes.client
 
 from tests.operator import objects as o
 from tests.operator.conftest import Cluster
@@ -113,3 +114,46 @@ def test_label_selector_syntax() -> None:
     assert selector_matches("app=a,tier==x", labels)
     assert selector_matches("app,!missing,tier!=y", labels)
     assert not selector_matches("app=b", labels) and not selector_matches("!app", labels)
+
+
+async def test_watch_from_a_list_skips_what_the_list_had(kube: KubeEmulator, cluster: Cluster) -> None:
+    await cluster.create(o.namespace())
+    await cluster.create(o.deployment("old"))
+    listed = await cluster._call(cluster.apps.list_namespaced_deployment, o.NS)
+    since = listed["metadata"]["resourceVersion"]
+    events: list[dict[str, object]] = []
+
+    async def watch() -> None:
+        url = f"/apis/apps/v1/namespaces/team-a/deployments?watch=true&resourceVersion={since}"
+        async with kube.get(url) as response:
+            async for line in response.content:
+                if line.strip():
+                    events.append(json.loads(line))
+
+    task = asyncio.create_task(watch())
+    await asyncio.sleep(0.1)
+    await cluster.create(o.deployment("new"))
+    await cluster.delete("Deployment", o.NS, "old")
+    for _ in range(100):
+        if len(events) >= 2:
+            break
+        await asyncio.sleep(0.02)
+    task.cancel()
+    # kmock alone would replay "old" as ADDED; the deletion is newer than the list, so it shows.
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [  # type: ignore[index]
+        ("ADDED", "new"), ("DELETED", "old")]
+
+
+async def test_undeclared_resources_do_not_exist(kube: KubeEmulator, cluster: Cluster) -> None:
+    member = {"apiVersion": "iam.cnrm.cloud.google.com/v1beta1", "kind": "IAMPolicyMember",
+              "metadata": {"name": "m", "namespace": o.NS}, "spec": {}}
+    await cluster.create(o.namespace())
+    try:
+        await cluster.create(member)
+    except kubernetes.client.ApiException as exc:
+        assert exc.status == 404
+    else:
+        raise AssertionError("created an object of a resource type nobody installed")
+    kube.declare("iam.cnrm.cloud.google.com", "v1beta1", "iampolicymembers", "IAMPolicyMember")
+    await cluster.create(member)
+    assert [m["metadata"]["name"] for m in kube.objects_of("iam.cnrm.cloud.google.com", "iampolicymembers")] == ["m"]

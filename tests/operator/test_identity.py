@@ -50,7 +50,7 @@ def test_grant_status_round_trip() -> None:
 # ---------------------------------------------------------------- policy edits
 
 CONDITION = {"title": "until-2030", "expression": "request.time < timestamp('2030-01-01T00:00:00Z')"}
-FOREIGN = {
+FOREIGN: dict[str, Any] = {
     "version": 3,
     "etag": "BwYabc123=",
     "auditConfigs": [{"service": "allServices", "auditLogConfigs": [{"logType": "DATA_READ"}]}],

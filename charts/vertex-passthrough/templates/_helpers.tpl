@@ -99,10 +99,22 @@ app.kubernetes.io/part-of: vertex-passthrough
 - apiGroups: [vertex.passthrough.dev]
   resources: [vertexroutes/status]
   verbs: [patch]
-# Credentials: watched (routes follow their credential).
+# Kubernetes service accounts of VertexCredentials: created (owned) or adopted, annotated
+# for GKE Workload Identity, deleted only when the operator created them.
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get, create, patch, delete]
+# Credentials: watched, finalizer/annotations patched by kopf, status written by the operator.
 - apiGroups: [vertex.passthrough.dev]
   resources: [vertexcredentials]
-  verbs: [list, watch]
+  verbs: [list, watch, patch]
+- apiGroups: [vertex.passthrough.dev]
+  resources: [vertexcredentials/status]
+  verbs: [patch]
+# binding.backend configConnector: owned IAMPolicyMember objects (never the authoritative IAMPolicy).
+- apiGroups: [iam.cnrm.cloud.google.com]
+  resources: [iampolicymembers]
+  verbs: [get, create, delete]
 {{- end -}}
 
 {{/* Webhook certificate (generated mode) -------------------------------------- */}}
