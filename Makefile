@@ -40,7 +40,7 @@ helm:
 
 ## make bench: direct vs through-the-sidecar, pinned to separate cores (needs wrk)
 bench: install
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(ARGS)
 
 ## make dashboards: regenerate the Grafana dashboards (checked in) from monitoring/generate_dashboards.py
 dashboards: install
