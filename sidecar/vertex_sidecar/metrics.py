@@ -251,12 +251,17 @@ class TrafficMetrics:
             "vertex_sidecar_errors", "Errors the sidecar answered itself (or a caller that went away), by reason: "
             "credentials_unavailable, no_matching_route, invalid_path, body_too_large, client_disconnected, ...",
             ["route", "reason"])
+        self.retries = FastCounter(
+            "vertex_sidecar_upstream_retries",
+            "Requests the sidecar sent again: reason token_refused (Google answered 401 to a sidecar token; "
+            "refreshed and replayed once) or fallback (429/503, answered by `location`, a configured fallback).",
+            ["route", "reason", "location"])
         for collector in self.collectors():
             registry.register(collector)
 
     def collectors(self) -> tuple[Collector, ...]:
         return (self.requests, self.token_usage, self.cost, self.request_duration, self.time_to_first_token,
-                self.time_per_output_token, self.upstream_errors, self.errors)
+                self.time_per_output_token, self.upstream_errors, self.errors, self.retries)
 
     def unregister(self) -> None:
         for collector in self.collectors():

@@ -162,9 +162,7 @@ class Proxy:
                 target = with_location(target, location, config.upstreams)
                 record.answered_location = location
             response = await self._send_once(exchange, route, target)
-            if response.status != 401 or exchange.source is None or not exchange.replayable:
-                pass
-            else:
+            if response.status == 401 and exchange.source is not None and exchange.replayable:
                 # Google refused our token (revoked, or clock skew): refresh once and replay.
                 await response.aclose()
                 assert exchange.token is not None

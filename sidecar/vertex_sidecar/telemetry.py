@@ -178,6 +178,11 @@ class Telemetry:
                 series.histogram(_TTFT).observe(first_byte)
                 if usage.output_tokens > 1:
                     series.histogram(_TPOT).observe((duration - first_byte) / (usage.output_tokens - 1))
+        if record.extra.get("token_retry"):
+            self.traffic.retries.labels(route, "token_refused", record.answered_location or NONE).inc()
+        if record.extra.get("fallbacks"):
+            # The location label is bounded: only configured fallback locations can answer.
+            self.traffic.retries.labels(route, "fallback", record.answered_location or NONE).inc()
         reason = _upstream_error_reason(record)
         if reason is not None:
             self.traffic.upstream_errors.labels(route, reason).inc()

@@ -80,6 +80,8 @@ def test_token_refused_by_google_is_refreshed_and_retried_once(start: StartSidec
     assert response.status_code == 200, response.text
     statuses = [r.get("status") for r in vertex_calls(emulator)[-2:]]
     assert statuses == [401, 200]
+    metrics = httpx.get(f"{sidecar.admin_url}/metrics").text
+    assert 'reason="token_refused"' in metrics
 
 
 def test_service_account_key_file(tmp_path: Path, start: StartSidecar, emulator: ServerHandle) -> None:

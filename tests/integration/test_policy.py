@@ -142,6 +142,9 @@ def test_fallback_location_on_429(start: StartSidecar, emulator: ServerHandle) -
     assert hosts == ["us-central1-aiplatform.googleapis.com", "us-east4-aiplatform.googleapis.com"]
     entry = wait_for_entry(sidecar)
     assert entry["location"] == "us-central1" and entry["answered_location"] == "us-east4"
+    metrics = httpx.get(f"{sidecar.admin_url}/metrics").text
+    assert ('vertex_sidecar_upstream_retries_total{location="us-east4",reason="fallback",route="fallback"} 1.0'
+            in metrics.replace(", ", ","))
     # A large streamed body is not kept, so it is not replayed: the 429 reaches the caller.
     huge = {"contents": [{"role": "user", "parts": [{"text": "y " * 400_000}]}]}
     assert call(sidecar, json=huge).status_code == 429
