@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import urllib.parse
 from collections.abc import Mapping
 
 from starlette.requests import Request
@@ -61,3 +62,17 @@ def json_response(
         out_headers["content-encoding"] = "gzip"
         out_headers["vary"] += ", Accept-Encoding"
     return Response(body, status_code=status_code, headers=out_headers, media_type=GOOGLE_JSON)
+
+
+async def read_token_request(request: Request) -> dict[str, str]:
+    """The parameters of a token-endpoint request: form-encoded (RFC 6749) or, as STS and
+    some SDKs also accept, JSON. Repeated form keys: the last wins."""
+    body = await request.body()
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError:
+            return {}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    parsed = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+    return {k: v[-1] for k, v in parsed.items()}

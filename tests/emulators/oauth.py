@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from .google_json import read_token_request
 from .keys import JwtError, KeyStore, decode_jwt, new_rsa_key, private_key_pem
 from .tokens import TokenRegistry
 
@@ -53,18 +54,6 @@ def _oauth_error(error: str, description: str, status_code: int = 400) -> JSONRe
     )
 
 
-async def _read_params(request: Request) -> dict[str, str]:
-    body = await request.body()
-    if request.headers.get("content-type", "").startswith("application/json"):
-        try:
-            data = json.loads(body or b"{}")
-        except ValueError:
-            return {}
-        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-    parsed = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
-    return {k: v[-1] for k, v in parsed.items()}
-
-
 def _check_claims(claims: dict[str, Any], own_uri: str, key_email: str) -> JSONResponse | None:
     """Checks in the order Google reports them; returns the error response or None."""
     if claims.get("aud") not in _KNOWN_AUDIENCES | {own_uri}:
@@ -91,7 +80,7 @@ async def _token(request: Request) -> JSONResponse:
     state.token_requests += 1
     if state.fail_tokens:
         return _oauth_error("temporarily_unavailable", "The service is currently unavailable.", 503)
-    params = await _read_params(request)
+    params = await read_token_request(request)
     grant_type = params.get("grant_type", "")
     if not grant_type:
         return _oauth_error("invalid_request", "Missing required parameter: grant_type")

@@ -35,7 +35,6 @@ import json
 import secrets
 import threading
 import time
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +45,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from .google_json import read_token_request
 from .keys import JwtError, KeyStore, decode_jwt, new_rsa_key
 from .tokens import TokenRegistry
 
@@ -178,19 +178,6 @@ def _error(error: str, description: str, status_code: int = 400) -> JSONResponse
                         headers=_NO_CACHE)
 
 
-async def _params(request: Request) -> dict[str, str]:
-    body = await request.body()
-    if request.headers.get("content-type", "").startswith("application/json"):
-        # STS accepts JSON bodies too (gcloud and some SDKs send them).
-        try:
-            data = json.loads(body or b"{}")
-        except ValueError:
-            return {}
-        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-    parsed = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
-    return {k: v[-1] for k, v in parsed.items()}
-
-
 def _check_jwt(provider: OidcProvider, token: str) -> tuple[str | None, str]:
     """(subject, "") for a good token, else (None, STS's error description)."""
     try:
@@ -224,7 +211,7 @@ async def _token(request: Request) -> JSONResponse:
     state.token_requests += 1
     if state.fail_tokens:
         return _error("temporarily_unavailable", "The service is currently unavailable.", 503)
-    p = await _params(request)
+    p = await read_token_request(request)
     grant_type = p.get("grant_type", "")
     if grant_type != TOKEN_EXCHANGE:
         return _error("unsupported_grant_type" if grant_type else "invalid_request",
