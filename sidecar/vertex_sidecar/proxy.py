@@ -22,7 +22,7 @@ from .credentials import CredentialError, TokenSource
 from .errors import SidecarError, error_headers
 from .headers import client_response_headers, content_length, header_value, upstream_request_headers
 from .observe import ChunkParser, Observer, RequestRecord
-from .policy import decide, needs_body_model, resolve_target
+from .policy import needs_body_model, resolve_target
 from .routing import Service, Target, with_location
 from .state import SidecarState
 from .upstream_client import UpstreamConnectError, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
