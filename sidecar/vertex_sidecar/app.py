@@ -18,7 +18,7 @@ from starlette.routing import Route as StarletteRoute
 
 from .config import Config
 from .credentials import RefreshObserver
-from .errors import error_body
+from .errors import error_body, error_headers
 from .live import LiveRelay
 from .observe import AccessLog, Observers
 from .proxy import Proxy, Receive, Scope, Send
@@ -147,8 +147,7 @@ class Sidecar:
 
 
 async def _send_json(send: Send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json; charset=UTF-8")]})
+    await send({"type": "http.response.start", "status": status, "headers": error_headers(body)})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -20,6 +20,7 @@ from . import __version__
 from .app import Sidecar
 from .config import CONFIG_ENV_VAR, Config, ConfigError, ListenAddress, load_config, parse_listen
 from .proxy import StreamAborted
+from .telemetry import Telemetry
 
 log = logging.getLogger("vertex_sidecar")
 
@@ -77,15 +78,20 @@ def _uvicorn_config(app: Any, config: Config, **extra: Any) -> uvicorn.Config:
     )
 
 
+def build_sidecar(config: Config) -> Sidecar:
+    """The sidecar with its telemetry wired in: metrics, and tokens and cost in the access log."""
+    telemetry = Telemetry(config)
+    sidecar = Sidecar(config, observers=telemetry.observers(), refresh_observer=telemetry.token_refreshed)
+    sidecar.metrics_renderer = telemetry.render
+    sidecar.live.observer = telemetry
+    telemetry.set_ready_probe(lambda: sidecar.state.ready)
+    # A reload also brings new pricing and header-label settings to the telemetry.
+    sidecar.reload_observer = lambda result: telemetry.config_reloaded(result, sidecar.config)
+    return sidecar
+
+
 async def serve(config: Config, sidecar: Sidecar | None = None, config_path: str | None = None) -> None:
-    if sidecar is None:  # --- telemetry wiring (issue 5) ---
-        from .telemetry import Telemetry
-        telemetry = Telemetry(config)
-        sidecar = Sidecar(config, observers=telemetry.observers(), refresh_observer=telemetry.token_refreshed)
-        sidecar.metrics_renderer = telemetry.render
-        telemetry.set_ready_probe(lambda: sidecar.state.ready)  # type: ignore[union-attr]
-        sidecar.live.observer = telemetry
-        sidecar.reload_observer = lambda result: telemetry.config_reloaded(result, sidecar.config)  # type: ignore
+    sidecar = sidecar or build_sidecar(config)
     main_sock = bind(config.listen)
     admin_sock = bind(config.admin_listen)
     app_server = _Server(_uvicorn_config(sidecar.main_app, config))
