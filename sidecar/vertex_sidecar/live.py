@@ -102,10 +102,14 @@ class LiveRefused(Exception):
 
 
 def close_reason(text: str) -> str:
-    """`text` cut to what a close frame can carry (123 UTF-8 bytes), on a character boundary."""
-    data = text.encode("utf-8")
+    """`text` cut to what a close frame can carry (123 UTF-8 bytes), on a character boundary.
+
+    A lone surrogate (a caller's JSON may escape one into a key or value that a reason
+    quotes) cannot be sent as UTF-8: it becomes "?".
+    """
+    data = text.encode("utf-8", "replace")
     if len(data) <= MAX_REASON_BYTES:
-        return text
+        return data.decode("utf-8")
     return data[: MAX_REASON_BYTES - 3].decode("utf-8", "ignore") + "..."
 
 
@@ -154,7 +158,7 @@ def parse_setup(frame: Frame) -> dict[str, Any]:
     """The caller's first message as a dict; it must be ``{"setup": {...}}``."""
     try:
         message = json.loads(frame)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         raise LiveRefused(INVALID_DATA, "the first message must be JSON: {\"setup\": {\"model\": ...}}",
                           status=400, error="INVALID_SETUP") from None
     if not isinstance(message, dict) or not isinstance(message.get("setup"), dict):
@@ -302,7 +306,9 @@ def setup_frame(original: Frame, message: dict[str, Any], decision: LiveDecision
     if message["setup"].get("model") == decision.resource:
         return original
     message["setup"]["model"] = decision.resource
-    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    # ASCII with \u escapes: a lone surrogate the caller escaped in its JSON stays valid (raw, it
+    # could not be encoded as UTF-8 for the frame).
+    text = json.dumps(message, separators=(",", ":"))
     return text if isinstance(original, str) else text.encode("utf-8")
 
 
@@ -330,7 +336,7 @@ class TurnMeter:
             return None  # audio chunks and most other messages: no parse
         try:
             message = json.loads(frame)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):
             return None
         if not isinstance(message, dict):
             return None
@@ -437,6 +443,7 @@ class _SessionStats:
     usage: Usage = field(default_factory=Usage)
     cost_usd: float = 0.0
     priced: bool = False
+    pricing: str | None = None  # "unknown" once any turn's model was not in the pricing table
 
 
 class LiveRelay:
@@ -500,6 +507,8 @@ class LiveRelay:
             entry["tokens"] = stats.usage.as_log_dict()
             if stats.priced:
                 entry["cost_usd"] = round(stats.cost_usd, 9)
+                if stats.pricing is not None:
+                    entry["pricing"] = stats.pricing
         self.access_log.write(entry)
         self.access_log.flush()  # one line per session: rare enough to write at once
 
@@ -762,6 +771,8 @@ class _Session:
         if fields and isinstance(fields.get("cost_usd"), (int, float)):
             stats.cost_usd += fields["cost_usd"]
             stats.priced = True
+            if stats.pricing != "unknown":  # like REST: cost 0 of an unpriced model is not "free"
+                stats.pricing = fields.get("pricing")
 
     async def _finish(self, upstream: ClientConnection, ending: _Ending) -> None:
         """Close the side that did not end the session, relaying code and reason."""

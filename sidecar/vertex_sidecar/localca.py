@@ -17,6 +17,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -42,7 +43,7 @@ def usable_ca(existing: Pem, now: dt.datetime) -> bool:
     try:
         cert = x509.load_pem_x509_certificate(existing.cert)
         key = serialization.load_pem_private_key(existing.key, password=None)
-    except ValueError:
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # TypeError: an encrypted key
         return False
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return (isinstance(key, ec.EllipticCurvePrivateKey) and bool(names) and names[0].value == CA_COMMON_NAME

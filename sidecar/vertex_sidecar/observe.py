@@ -8,11 +8,14 @@ observer may return a usage parser to be fed every response chunk), and when it 
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Protocol, TextIO
+
+log = logging.getLogger("vertex_sidecar.access_log")
 
 
 class ChunkParser(Protocol):
@@ -88,6 +91,7 @@ class AccessLog:
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream or sys.stdout
         self._pending: list[str] = []
+        self.dropped = 0  # lines lost since the stream last accepted a write
 
     def request_started(self, record: RequestRecord) -> None:
         pass
@@ -132,10 +136,22 @@ class AccessLog:
             self.flush()
 
     def flush(self) -> None:
-        if self._pending:
-            self._stream.write("\n".join(self._pending) + "\n")
-            self._pending.clear()
-        self._stream.flush()
+        """Write the buffered lines. A failing stream (closed, broken pipe, full disk) drops
+        them: logging must neither break the request that triggered the flush nor pile
+        lines up in memory while the stream stays broken."""
+        pending = self._pending
+        try:
+            if pending:
+                self._stream.write("\n".join(pending) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError) as exc:  # ValueError: "I/O operation on closed file"
+            if not self.dropped:
+                log.warning("access log: cannot write to its stream (%s); dropping lines until it recovers", exc)
+            self.dropped += len(pending)
+        else:
+            self.dropped = 0
+        finally:
+            pending.clear()
 
 
 def split_tags(tags: str) -> list[str]:

@@ -70,7 +70,7 @@ def decide(subpath: str, service: Service, config: Config, body_model: str | Non
             raise SidecarError(exc.code, exc.message, reason="INVALID_PATH") from None
         return _with_body_model(config.default_route, target, body_model)
     first_error: RoutingError | None = None
-    target: Target | None = None
+    last_target: Target | None = None
     for route in config.routes:
         try:
             target = resolve(subpath, service=service, defaults=route.defaults.over(config.defaults),
@@ -80,13 +80,14 @@ def decide(subpath: str, service: Service, config: Config, body_model: str | Non
                 raise SidecarError(exc.code, exc.message, reason="INVALID_PATH") from None
             first_error = first_error or exc
             continue
+        last_target = target
         decision = _with_body_model(route, target, body_model)
         if matches(route.match, decision.target):
             return decision
-    if target is None and first_error is not None:
+    if last_target is None and first_error is not None:
         raise SidecarError(first_error.code, first_error.message, reason="INVALID_PATH")
-    assert target is not None
-    shown = _with_body_model(config.default_route, target, body_model).target
+    assert last_target is not None
+    shown = _with_body_model(config.default_route, last_target, body_model).target
     raise SidecarError(403, _denied_message(shown, config), reason="NO_MATCHING_ROUTE")
 
 

@@ -302,7 +302,7 @@ class Proxy:
         except UpstreamError as exc:
             record.error_reason = "UPSTREAM_STREAM_BROKEN" if not response.client_gone else "CLIENT_DISCONNECTED"
             if response.client_gone:
-                return
+                return parser
             log.warning("upstream stream broke after %d bytes (request %s): %s", record.bytes_out,
                         record.request_id, exc)
             raise StreamAborted(str(exc)) from None

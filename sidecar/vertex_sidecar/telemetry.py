@@ -64,6 +64,10 @@ class Telemetry:
         self._header_index: dict[bytes, int] = {}
         self.traffic = TrafficMetrics(self.registry)
         self.pricing = PricingTable.default()
+        # Label budgets: what was admitted stays admitted for the life of the process (its
+        # series outlive a reload), so a reload must not hand out a fresh budget.
+        self._admitted_models: set[str] = set()
+        self._header_values: list[dict[str, str]] = []
         self._reset_caches()
         self.apply_config(config)
 
@@ -87,6 +91,7 @@ class Telemetry:
             self._header_labels = header_labels
             self._header_index = {name: index for index, (name, _) in enumerate(header_labels)}
             self.traffic = TrafficMetrics(self.registry, tuple(label for _, label in header_labels))
+            self._header_values = [{} for _ in header_labels]  # the old label families are gone
         self._reset_caches()
 
     def config_reloaded(self, result: str, config: Config | None = None) -> None:
@@ -96,11 +101,10 @@ class Telemetry:
         self.process.config_reloads.labels(result).inc()
 
     def _reset_caches(self) -> None:
+        """Forget memos that depend on the config (pricing families, the traffic metrics' children)."""
         self._series: dict[tuple[str, ...], _Series] = {}
         self._models: dict[str, str] = {}
-        self._admitted_models: set[str] = set()
         self._operations: dict[tuple[str | None, str | None, str | None], str] = {}
-        self._header_values: list[dict[str, str]] = [{} for _ in self._header_labels]
         self._refresh_children: dict[tuple[str, str], Any] = {}
 
     # --------------------------------------------------------- Observer (HTTP)
@@ -179,7 +183,7 @@ class Telemetry:
                 if usage.output_tokens > 1:
                     series.histogram(_TPOT).observe((duration - first_byte) / (usage.output_tokens - 1))
         if record.extra.get("token_retry"):
-            self.traffic.retries.labels(route, "token_refused", record.answered_location or NONE).inc()
+            self.traffic.retries.labels(route, "token_refused", NONE).inc()  # no caller-chosen label values
         if record.extra.get("fallbacks"):
             # The location label is bounded: only configured fallback locations can answer.
             self.traffic.retries.labels(route, "fallback", record.answered_location or NONE).inc()

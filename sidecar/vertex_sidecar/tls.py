@@ -11,7 +11,10 @@ app can still reach every other TLS endpoint).
   the bundle keep trusting the sidecar. The leaf certificate is issued anew at each start.
 - Or a mounted certificate (`cert_file`/`key_file`, its issuer in `ca_file`) is used.
 Keys are written 0600, certificates and the bundle 0644 (other containers read it);
-every file is replaced atomically, so a reader never sees half a bundle.
+every file is replaced atomically, so a reader never sees half a bundle. The keys never
+sit next to an explicit `ca_bundle_path` (its directory is shared with the app
+containers), and the default `state_dir`, a predictable name in the shared temp dir, must
+be a directory of this user's.
 
 `prepare_tls_isolated` does the work in a short-lived child process (``python -m
 vertex_sidecar.tls``): `cryptography` costs ~8 MB resident once imported, and the
@@ -28,6 +31,7 @@ import json
 import logging
 import os
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
@@ -89,8 +93,16 @@ def prepare_tls(settings: TlsSettings, *, now: dt.datetime | None = None) -> Tls
     now = now or dt.datetime.now(dt.timezone.utc)
     state_dir = Path(settings.state_dir or default_state_dir())
     bundle_path = Path(settings.ca_bundle_path or state_dir / "ca-bundle.pem")
+    mounted = bool(settings.cert_file and settings.key_file)
+    if (not mounted and settings.ca_bundle_path
+            and os.path.realpath(bundle_path.parent) == os.path.realpath(state_dir)):
+        raise TlsError(f"TLS listener: tls.ca_bundle_path {bundle_path} is in tls.state_dir, next to the private "
+                       "keys: whatever shares the bundle with app containers would share the keys too. Give the "
+                       "bundle a directory of its own")
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if settings.state_dir is None:
+            _check_private_dir(state_dir)
         if settings.cert_file and settings.key_file:
             cert_file, key_file = settings.cert_file, settings.key_file
             ca_cert_file = None
@@ -114,6 +126,17 @@ def prepare_tls(settings: TlsSettings, *, now: dt.datetime | None = None) -> Tls
                        "(an emptyDir) and point tls.state_dir / tls.ca_bundle_path at it") from None
     _check_loadable(cert_file, key_file)
     return TlsFiles(str(cert_file), str(key_file), str(bundle_path), ca_cert_file, system)
+
+
+def _check_private_dir(path: Path) -> None:
+    """The default state dir has a predictable name in the shared temp dir: it must be a real
+    directory of ours (not one another user planted, with a CA of theirs in it) and private."""
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise TlsError(f"TLS listener: {path} is not a directory owned by uid {os.getuid()} (another user may have "
+                       "created it); remove it or set tls.state_dir")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(path, 0o700)
 
 
 def _ensure_ca(state_dir: Path, now: dt.datetime) -> bytes:

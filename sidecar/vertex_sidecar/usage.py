@@ -295,7 +295,7 @@ _USAGE_KEYS: Final = frozenset(
 def _loads_object(raw: bytes) -> dict[str, Any] | None:
     try:
         value = json.loads(raw)
-    except ValueError:  # includes UnicodeDecodeError
+    except (ValueError, RecursionError):  # ValueError includes UnicodeDecodeError
         return None
     return value if isinstance(value, dict) else None
 

@@ -164,6 +164,8 @@ async def test_genai_sdk_live_and_rest_over_tls_with_only_ssl_cert_file(
     assert entry["status"] == 101 and entry["route"] == "default" and entry["model"] == MODEL
     assert entry["live"]["turns"] == 2 and entry["live"]["ended_by"] == "client"
     assert entry["tokens"]["input_tokens"] > 0 and entry["tokens"]["output_tokens"] > 0
+    # The Live model is not in the pricing table: cost 0 is marked unpriced, as on REST lines.
+    assert entry["cost_usd"] == 0 and entry["pricing"] == "unknown"
     metrics = httpx.get(f"{sidecar.admin_url}/metrics").text
     assert re.search(r'vertex_sidecar_live_turns(_total)?\{model="[^"]+",route="default"\} 2\.0', metrics)
     assert 'vertex_sidecar_live_sessions{route="default"} 0.0' in metrics

@@ -2,13 +2,15 @@
 
 One sidecar exercises every credential path against the emulators — ADC through the
 metadata server, a service-account key (JWT grant), a broken key, the caller's own token
-(`client`), a revoked token (401 → refresh → retry), caller keys, policy refusals — and
-everything it printed or answered is searched for the tokens the emulators issued, the
-key files' material, the JWT grants and the caller's secrets. Zero hits.
+(`client`), a revoked token (401 → refresh → retry), caller keys, policy refusals, Live API
+sessions (relayed, and refused by Google with 401) — and everything it printed or answered
+is searched for the tokens the emulators issued, the key files' material, the JWT grants and
+the caller's secrets. Zero hits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -16,7 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed
 
+from tests.emulators.live import create_live_app
 from tests.emulators.oauth import make_service_account_key
 from tests.emulators.serve import create_combined_app, running_server
 from tests.emulators.tokens import TOKEN_PREFIX
@@ -43,8 +49,29 @@ def find_leaks(texts: dict[str, str], needles: list[str]) -> list[str]:
     return [f"{needle[:16]}... in {where}" for where, text in texts.items() for needle in needles if needle in text]
 
 
+async def live_sessions(base_url: str, headers: dict[str, str], knobs: Any) -> list[int]:
+    """A relayed Live turn, then a session Google refuses twice with 401 (the sidecar refreshes once)."""
+    url = base_url.replace("http://", "ws://", 1) + "/vertex_ai/live"
+    setup = json.dumps({"setup": {"model": "gemini-live-2.5-flash", "generationConfig": {"responseModalities": ["TEXT"]}}})
+    closes = []
+    async with websockets.connect(url, additional_headers=headers) as ws:
+        await ws.send(setup)
+        await ws.recv()
+        await ws.send(json.dumps({"realtimeInput": {"text": "tell me a secret"}}))
+        while b"turnComplete" not in await asyncio.wait_for(ws.recv(), 10):  # type: ignore[operator]
+            pass
+    closes.append(ws.close_code or 0)
+    knobs.refuse_next.extend([401, 401])
+    async with websockets.connect(url, additional_headers=headers) as ws:
+        await ws.send(setup)
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
+    closes.append(ws.close_code or 0)
+    return closes
+
+
 def test_no_secrets_in_logs_metrics_or_error_bodies(tmp_path: Path) -> None:
-    with running_server(create_combined_app(project_id=PROJECT)) as emulator:
+    with running_server(create_live_app(fallback=create_combined_app(project_id=PROJECT))) as emulator:
         state = emulator.app.state
         token_uri = f"{emulator.url}/token"
         good_key = make_service_account_key(token_uri, tmp_path / "sa.json", keys=state.keys)
@@ -110,6 +137,9 @@ def test_no_secrets_in_logs_metrics_or_error_bodies(tmp_path: Path) -> None:
                 call(f"{base}/publishers/google/models/text-bison:predict", {"instances": []}, 403)
                 call(f"{base}/{GEMINI}:generateContent", PROMPT, 401, {"x-vertex-sidecar-key": wrong_key})
                 call(f"{base}/{GEMINI}:generateContent", PROMPT, 401, {"x-vertex-sidecar-key": ""})
+                live_closes = asyncio.run(live_sessions(sidecar.url, {
+                    **key, "authorization": f"Bearer {stray_bearer}", "x-goog-api-key": api_key}, state.live))
+                assert live_closes == [1000, 1011]
                 metrics = client.get(f"{sidecar.admin_url}/metrics").text
                 readyz_body = client.get(f"{sidecar.admin_url}/readyz").text
         finally:
@@ -135,7 +165,10 @@ def test_no_secrets_in_logs_metrics_or_error_bodies(tmp_path: Path) -> None:
         assert not find_leaks(texts, needles)
 
         # The checks looked at real output: every request was logged, metrics and errors were there.
-        assert len(sidecar.access_log()) == len(answers)
+        assert len(sidecar.access_log()) == len(answers) + len(live_closes)
+        assert state.live.sessions[0].headers["authorization"].startswith("Bearer " + TOKEN_PREFIX)
+        forwarded = json.dumps([session.headers for session in state.live.sessions])  # what Google saw
+        assert not find_leaks({"Live handshake": forwarded}, [caller_key, api_key, stray_bearer])
         assert "vertex_sidecar_requests_total" in metrics and 'credential="broken",result="failure"' in metrics
         assert "Invalid JWT Signature" in readyz_body  # the reason is shown, the grant is not
         assert all(r.json()["error"]["message"] for r in answers if r.status_code >= 400)

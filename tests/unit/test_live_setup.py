@@ -272,3 +272,33 @@ def test_handshake_refusals(status: int, code: int, words: str) -> None:
 def test_handshake_refusal_without_json_body() -> None:
     refused = handshake_refusal(502, b"<html>Bad Gateway</html>", "h")
     assert refused.code == 1014 and "HTTP 502" in refused.reason
+
+
+def test_absurdly_nested_json_is_refused_not_raised() -> None:
+    with pytest.raises(LiveRefused) as info:
+        parse_setup("[" * 100_000)
+    assert info.value.code == 1007
+    meter = TurnMeter()
+    assert meter.observe('{"usageMetadata": ' + "[" * 100_000) is None
+    assert meter.observe(b'{"serverContent": {"turnComplete": true}, "x": ' + b"[" * 100_000) is None
+
+
+@pytest.mark.parametrize("kind", [str, bytes])
+def test_completed_setup_keeps_escaped_lone_surrogates_sendable(kind: type) -> None:
+    text = '{"setup": {"model": "fast", "systemInstruction": {"parts": [{"text": "\\ud800 caf\\u00e9"}]}}}'
+    frame = text if kind is str else text.encode()
+    rewritten = setup_frame(frame, parse_setup(frame), decide("fast"))
+    assert isinstance(rewritten, kind)
+    data = rewritten.encode("utf-8") if isinstance(rewritten, str) else rewritten  # what the socket sends
+    sent = json.loads(data)
+    assert sent["setup"]["systemInstruction"]["parts"][0]["text"] == "\ud800 café"
+    assert sent["setup"]["model"] == decide("fast").resource
+
+
+@pytest.mark.parametrize("frame", ['{"\\ud800": 1}', '{"setup": {"model": "x\\ud800y"}}'])
+def test_refusal_reasons_quoting_lone_surrogates_can_be_sent(frame: str) -> None:
+    with pytest.raises(LiveRefused) as info:
+        split_model(setup_model(parse_setup(frame)) or "")
+    info.value.reason.encode("utf-8")  # what the close frame carries
+    assert info.value.code == 1007
+    assert close_reason("\ud800" * 100).encode("utf-8") and len(close_reason("\ud800" * 100).encode()) <= 123

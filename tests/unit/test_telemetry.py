@@ -245,15 +245,19 @@ def test_credentials_live_ready_and_build_info() -> None:
     fields = t.live_turn_usage("gemini", "gemini-2.0-flash-live-001",
                                Usage(input_tokens=7, output_tokens=3, total_tokens=10, found=True))
     t.live_session_ended("gemini", 12.5)
-    assert fields["tokens"]["input_tokens"] == 7 and fields["pricing"] in ("known", "unknown")
+    # Not in the pricing table: unpriced, and labelled by its own id (it answered).
+    assert fields["tokens"]["input_tokens"] == 7 and fields["pricing"] == "unknown" and fields["cost_usd"] == 0
+    priced = t.live_turn_usage("gemini", "gemini-2.5-flash", Usage(input_tokens=10**6, found=True))
+    assert priced["pricing"] == "known" and priced["cost_usd"] == pytest.approx(0.30)
     assert h.value("vertex_sidecar_live_sessions", route="gemini") == 1
     assert h.value("vertex_sidecar_live_sessions_started_total", route="gemini") == 2
-    live_model = t._model_label("gemini-2.0-flash-live-001", True)
+    live_model = "gemini-2.0-flash-live-001"
     assert h.value("vertex_sidecar_live_tokens_total", route="gemini", model=live_model, gen_ai_token_type="input") == 7
+    assert h.value("vertex_sidecar_live_turns_total", route="gemini", model=live_model) == 1
     assert h.value("vertex_sidecar_live_session_duration_seconds_sum", route="gemini") == 12.5
-    assert h.value("gen_ai_client_token_usage_sum", gen_ai_token_type="output",
-                   gen_ai_request_model=t._model_label("gemini-2.0-flash-live-001", True),
+    assert h.value("gen_ai_client_token_usage_sum", gen_ai_token_type="output", gen_ai_request_model=live_model,
                    gen_ai_operation_name="generate_content", route="gemini") == 3
+    assert h.value("vertex_sidecar_cost_usd_total", route="gemini", model="gemini-2.5-flash") == pytest.approx(0.30)
     ready = [True]
     t.set_ready_probe(lambda: ready[0])
     assert h.value("vertex_sidecar_ready") == 1
@@ -323,3 +327,46 @@ def test_a_telemetry_failure_never_costs_the_access_log_line(monkeypatch: pytest
     monkeypatch.setattr(h.telemetry, "_series_for", broken)
     entry = h.request(GEMINI_JSON)
     assert entry["status"] == 200 and h.value("vertex_sidecar_inflight_requests") == 0
+
+
+def test_reloads_do_not_hand_out_fresh_label_budgets() -> None:
+    """The caps bound the series of the process: a reload (same header labels) keeps them."""
+    config = parse_config({"metrics": {"header_labels": {"x-team": "team"}}})
+    h = Harness(config)
+    for reload in range(3):
+        for i in range(MAX_MODEL_LABELS):
+            h.request(b"{}", model=f"tuned-{reload}-{i}", headers=[(b"x-team", f"t{reload}-{i}".encode())])
+        h.telemetry.config_reloaded("success", config)
+    lines = [line for line in h.exposition().splitlines() if line.startswith("vertex_sidecar_requests_total{")]
+    models = {line.split('model="')[1].split('"')[0] for line in lines}
+    teams = {line.split('team="')[1].split('"')[0] for line in lines}
+    assert len(models - {"other"}) == MAX_MODEL_LABELS
+    assert len(teams - {"other"}) <= MAX_LABEL_VALUES
+
+
+class _FlakyStream(io.StringIO):
+    broken = True
+
+    def write(self, text: str) -> int:
+        if self.broken:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+def test_a_broken_log_stream_never_fails_the_request_nor_piles_up_lines() -> None:
+    stream = _FlakyStream()
+    access_log = AccessLog(stream)
+    observers = Telemetry(Config()).observers(access_log)
+    for i in range(1000):
+        record = RequestRecord(request_id=f"r{i}", method="POST", started=time.perf_counter(), wall_time=time.time())
+        observers.request_started(record)
+        record.status = 200
+        record.finish()
+        observers.request_finished(record)  # flushes every 256 lines: must not raise
+        assert len(access_log._pending) < 256
+    observers.flush()
+    assert access_log.dropped == 1000 and not access_log._pending
+    stream.broken = False
+    access_log.write({"request_id": "after"})
+    observers.flush()
+    assert json.loads(stream.getvalue())["request_id"] == "after" and access_log.dropped == 0

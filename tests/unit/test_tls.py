@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import shutil
 import socket
 import ssl
 import threading
@@ -14,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from vertex_sidecar import tls
 from vertex_sidecar.config import ConfigError, TlsSettings, parse_config_text
 from vertex_sidecar.tls import TlsError, find_system_roots, prepare_tls, prepare_tls_isolated
 
@@ -163,3 +166,49 @@ def test_tls_config_section() -> None:
         parse_config_text("tls: {ca_file: /ca.pem}")
     with pytest.raises(ConfigError, match="unknown key"):
         parse_config_text("tls: {statedir: /x}")
+
+
+def test_keys_never_share_a_directory_with_the_bundle_apps_mount(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    with pytest.raises(TlsError, match="next to the private keys"):
+        prepare_tls(TlsSettings(state_dir=str(shared), ca_bundle_path=str(shared / "ca-bundle.pem")))
+    assert not (shared / "ca.key").exists()
+    # Without ca_bundle_path the bundle stays in the (private) state dir, as documented.
+    files = prepare_tls(TlsSettings(state_dir=str(tmp_path / "private")))
+    assert Path(files.ca_bundle_path).parent == tmp_path / "private"
+    # A mounted certificate writes no key: any layout is fine.
+    prepare_tls(TlsSettings(state_dir=str(shared), ca_bundle_path=str(shared / "ca-bundle.pem"),
+                            cert_file=files.cert_file, key_file=files.key_file))
+
+
+def test_the_default_state_dir_must_be_a_private_directory_of_ours(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    default = tmp_path / "vertex-sidecar-tls-default"
+    monkeypatch.setattr(tls, "default_state_dir", lambda: str(default))
+    default.mkdir(mode=0o777)
+    default.chmod(0o777)
+    prepare_tls(TlsSettings(ca_bundle_path=str(tmp_path / "shared" / "ca-bundle.pem")))
+    assert default.stat().st_mode & 0o777 == 0o700  # tightened
+    shutil.rmtree(default)
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    default.symlink_to(planted)  # someone else's directory under our predictable name
+    with pytest.raises(TlsError, match="not a directory owned by"):
+        prepare_tls(TlsSettings())
+    assert not list(planted.iterdir())
+    if os.getuid() == 0:
+        default.unlink()
+        default.mkdir()
+        os.chown(default, 54321, 54321)
+        with pytest.raises(TlsError, match="not a directory owned by"):
+            prepare_tls(TlsSettings())
+
+
+def test_an_encrypted_ca_key_is_replaced_not_fatal(tmp_path: Path) -> None:
+    ca_before = Path(prepare_tls(settings(tmp_path)).ca_cert_file or "").read_bytes()
+    encrypted = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw"))
+    (tmp_path / "state" / "ca.key").write_bytes(encrypted)
+    second = prepare_tls(settings(tmp_path))
+    assert Path(second.ca_cert_file or "").read_bytes() != ca_before
+    handshake(second.cert_file, second.key_file, second.ca_bundle_path, "localhost")

@@ -534,3 +534,15 @@ def test_unreadable_encodings_get_the_null_parser() -> None:
 )
 def test_operation_from_method(method: str, publisher: str, model: str, operation: str) -> None:
     assert operation_from_method(method, publisher, model) == operation
+
+
+@pytest.mark.parametrize(("factory", "key"), [(GeminiUsageParser, b"usageMetadata"), (UsageObjectParser, b"usage"),
+                                              (lambda: UsageObjectParser(merge=True), b"usage")])
+def test_deeply_nested_usage_object_never_raises_from_result(factory: Any, key: bytes) -> None:
+    # Small enough to be captured (< MAX_VALUE_BYTES), too deep for the JSON decoder's recursion limit.
+    nested = b'{"a":' * 5000 + b"1" + b"}" * 5000
+    data = b'{"' + key + b'": {"promptTokenCount": 1, "prompt_tokens": 1, "x": ' + nested + b"}}"
+    assert len(data) < MAX_VALUE_BYTES
+    parser = factory()
+    parser.feed(data)
+    assert parser.result() == Usage()
