@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import threading
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import kopf
 
@@ -16,6 +16,9 @@ from vertex_operator import __version__
 from vertex_operator.options import (
     DEFAULT_IAM_ENDPOINT, DEFAULT_RESOURCE_MANAGER_ENDPOINT, DEFAULT_SIDECAR_IMAGE, Options,
 )
+
+if TYPE_CHECKING:
+    from vertex_operator.controller import Controller
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sidecar image for routes that set none (env VERTEX_SIDECAR_IMAGE)")
     p.add_argument("--operator-namespace", default=os.environ.get("POD_NAMESPACE"),
                    help="the operator's own namespace, never injected (env POD_NAMESPACE)")
+    p.add_argument("--exclude-namespace", action="append", default=[], metavar="NAMESPACE",
+                   help="another namespace that is never injected (repeatable; list those that the webhook "
+                        "configuration leaves out, so that routes there say so instead of rolling workloads)")
     p.add_argument("--metrics-addr", default="0.0.0.0")
     p.add_argument("--metrics-port", type=int, default=8081, help="Prometheus /metrics port; -1 disables")
     p.add_argument("--resync-interval", type=float, default=300.0, metavar="SECONDS",
@@ -92,12 +98,13 @@ def options_from_args(args: argparse.Namespace) -> Options:
         resource_manager_endpoint=args.resource_manager_endpoint,
         iam_propagation_seconds=args.iam_propagation_seconds,
         binding_recheck_seconds=args.binding_recheck_seconds,
+        extra_excluded_namespaces=frozenset(args.exclude_namespace),
     )
 
 
 async def run(options: Options, *, stop_flag: threading.Event | asyncio.Event | None = None,
               ready_flag: threading.Event | asyncio.Event | None = None,
-              controller: "object | None" = None) -> None:
+              controller: Controller | None = None) -> None:
     """Run the operator until stopped (signal or `stop_flag`)."""
     # Imported here: registering the handlers is a side effect of the import.
     import vertex_operator.handlers  # noqa: F401

@@ -51,7 +51,10 @@ def merge(old: Iterable[Mapping[str, Any]] | None, new: Iterable[Condition],
 
 
 def same_status(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
-    """Whether writing `desired` would change `current` (transition times aside)."""
+    """Whether `current` already holds `desired` (transition times aside), so writing it would change nothing.
+
+    Keys of `current` that `desired` does not mention are not compared.
+    """
     current = dict(current or {})
 
     def strip(status: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
-from typing import Any, Mapping
+from typing import Any, Awaitable, Mapping
+
+from kubernetes.client.exceptions import ApiException
 
 from vertex_operator import conditions as cond
 from vertex_operator import inject, metrics, reconcile, render
 from vertex_operator.credential_controller import CredentialController
 from vertex_operator.crd import (
-    API_VERSION, MANAGED_BY, MANAGED_BY_LABEL, PREFIX, ROUTE_KIND, ROUTE_LABEL,
+    API_VERSION, MANAGED_BY, MANAGED_BY_LABEL, PREFIX, ROUTE_ANNOTATION, ROUTE_KIND, ROUTE_LABEL,
 )
 from vertex_operator.kube import Kube
 from vertex_operator.options import Options
@@ -27,6 +30,43 @@ from vertex_operator.webhook import AdmissionServer, build_server
 logger = logging.getLogger(__name__)
 
 CONTENT_HASH_ANNOTATION = f"{PREFIX}/content-hash"
+
+# kopf retries failed handlers after this delay, doubled at each retry up to the maximum.
+RETRY_BACKOFF = 5.0
+MAX_RETRY_DELAY = 300.0
+
+
+def retry_delay(retry: int) -> float:
+    """The delay before kopf's next retry of a handler that failed `retry` times already."""
+    return min(MAX_RETRY_DELAY, RETRY_BACKOFF * 2.0 ** min(max(retry, 0), 10))
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """An API answer that retrying cannot change (refused by RBAC, an admission policy, validation)."""
+    return isinstance(exc, ApiException) and 400 <= (exc.status or 0) < 500 and exc.status not in (401, 409, 429)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line account of an error for logs and Events (not str(ApiException): it carries
+    every response header)."""
+    if isinstance(exc, ApiException):
+        body = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else str(exc.body or "")
+        return f"{exc.status} {exc.reason}" + (f": {body[:300]}" if body else "")
+    return str(exc) or repr(exc)
+
+
+class SyncError(Exception):
+    """Some writes of a namespace sync failed; every other write was still made."""
+
+    def __init__(self, failures: list[tuple[str, BaseException]]) -> None:
+        self.failures = failures
+        super().__init__("; ".join(f"{what}: {describe_error(exc)}" for what, exc in failures[:5])
+                         + (f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""))
+
+    @property
+    def permanent(self) -> bool:
+        return all(is_permanent(exc) for _, exc in self.failures)
+
 
 # Index names: kopf passes each index to handlers under its handler's name.
 ROUTE_INDEX = "vertexroute_index"
@@ -125,14 +165,40 @@ class Controller:
             with metrics.reconciling(trigger):
                 plan = reconcile.plan_namespace(
                     indexes.routes(namespace), indexes.credentials(namespace),
-                    indexes.workloads(namespace), self.reconcile_options)
+                    indexes.workloads(namespace), self._options_for(namespace))
+                # One refused write (an admission policy on one Deployment, a quota) must not
+                # keep the rest of the namespace, statuses included, from converging.
+                failures: list[tuple[str, BaseException]] = []
+
+                async def attempt(what: str, write: Awaitable[None]) -> BaseException | None:
+                    try:
+                        await write
+                    except Exception as exc:
+                        failures.append((what, exc))
+                        return exc
+                    return None
+
+                unwritten: dict[str, str] = {}  # route → why its ConfigMap could not be written
                 for state in plan.states.values():
-                    await self._apply_config_map(state)
+                    what = f"ConfigMap of VertexRoute {state.record.name}"
+                    if (exc := await attempt(what, self._apply_config_map(state))) is not None:
+                        unwritten[state.record.name] = describe_error(exc)
                 for patch in plan.workload_patches:
-                    await self._apply_workload(patch)
+                    if patch.annotations.get(ROUTE_ANNOTATION) in unwritten:
+                        continue  # its new pods would wait for a ConfigMap that is not there
+                    await attempt(patch.workload.ref, self._apply_workload(patch))
                 for name, status in plan.statuses.items():
-                    await self._apply_status(plan.states[name].record, status)
+                    if name in unwritten:
+                        status = reconcile.config_not_written(status, unwritten[name])
+                    await attempt(f"status of VertexRoute {name}",
+                                  self._apply_status(plan.states[name].record, status))
+                if failures:
+                    raise SyncError(failures) from failures[0][1]
         return plan
+
+    def _options_for(self, namespace: str) -> reconcile.Options:
+        return dataclasses.replace(self.reconcile_options,
+                                   namespace_excluded=namespace in self.options.excluded_namespaces)
 
     async def _apply_config_map(self, state: reconcile.RouteState) -> None:
         record, rendered = state.record, state.rendered
@@ -172,13 +238,17 @@ class Controller:
                         dict(patch.annotations))
 
     async def _apply_status(self, record: reconcile.RouteRecord, desired: dict[str, Any]) -> None:
-        if cond.same_status(record.status, desired) or cond.same_status(self._statuses.get(record.uid), desired):
+        # What we wrote last is fresher than the indexed copy, which lags behind our own
+        # writes until their watch events arrive.
+        last = self._statuses.get(record.uid)
+        current = last if last is not None else record.status
+        if cond.same_status(current, desired):
             return
         assert self.kube is not None
         status = dict(desired)
-        status["conditions"] = cond.merge(record.status.get("conditions"), desired["conditions"])
+        status["conditions"] = cond.merge(current.get("conditions"), desired["conditions"])
         # Merge patches keep keys they do not mention: clear the ones that went away.
-        for key in record.status:
+        for key in set(record.status) | set(last or {}):
             if key not in status:
                 status[key] = None
         if await self.kube.patch_route_status(record.namespace, record.name, status):

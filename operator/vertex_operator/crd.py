@@ -490,17 +490,6 @@ class Credential:
             return "service_account_file"
         return "adc"  # Workload Identity: the GKE metadata server serves the token
 
-    def identity(self) -> dict[str, Any]:
-        """The parts that pods depend on (a change needs new pods); hashed by `inject`."""
-        return {
-            "serviceAccountName": self.service_account_name,
-            "mode": self.mode,
-            "federation": None if self.federation is None else [
-                self.federation.audience, self.federation.config_map_name,
-                self.federation.config_map_key, self.federation.token_expiration_seconds],
-            "secret": None if self.secret is None else [self.secret.secret_name, self.secret.key],
-        }
-
 
 _GSA_RE = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]@[a-z0-9.-]+\.gserviceaccount\.com$")
 _CM_KEY_RE = re.compile(r"^[-._a-zA-Z0-9]+$")

@@ -93,7 +93,7 @@ class CredentialController:
 
     def forget(self, uid: str) -> None:
         for cache in (self._ledgers, self._statuses, self._granted_at, self._failures, self._due, self._wakeups):
-            cache.pop(uid, None)  # type: ignore[attr-defined]
+            cache.pop(uid, None)
 
     # ---------------------------------------------------------------- scheduling
 
@@ -119,11 +119,15 @@ class CredentialController:
                 for waiter in waiters:
                     waiter.cancel()
 
+    def _next_delay(self, uid: str) -> float:
+        """One more failure in a row: binding_recheck_seconds, doubled each time up to resync_seconds."""
+        self._failures[uid] += 1
+        delay = self.options.binding_recheck_seconds * 2.0 ** min(self._failures[uid] - 1, 10)
+        return min(self.options.resync_seconds, delay)
+
     def retry_later(self, uid: str) -> None:
         """After an unexpected failure: the same growing delay as for a failed condition."""
-        self._failures[uid] += 1
-        delay = self.options.binding_recheck_seconds * 2 ** min(self._failures[uid] - 1, 10)
-        self._schedule(uid, min(self.options.resync_seconds, delay))
+        self._schedule(uid, self._next_delay(uid))
 
     def _after(self, uid: str, binding: cond.Condition, ready: cond.Condition) -> None:
         """When to look again, from the outcome of a reconciliation."""
@@ -160,6 +164,10 @@ class CredentialController:
         """Converge one credential; returns the status it wrote (or would have)."""
         _, _, uid = _meta(body)
         async with self._locks[uid]:
+            if (body.get("metadata") or {}).get("deletionTimestamp"):
+                # Being deleted (a daemon round may have waited for the lock while `finalize`
+                # held it): whatever is granted or created now would outlive the credential.
+                return dict(self._statuses.get(uid) or body.get("status") or {})
             with metrics.reconciling(trigger):
                 return await self._reconcile(body, log or logger)
 
@@ -486,12 +494,13 @@ class CredentialController:
             except (GoogleApiError, NoCredentials) as exc:
                 reason, message = describe(exc)
                 await self._report_blocked(namespace, name, uid, status, reason, message)
-                raise CleanupPending(f"cannot remove the IAM grants yet: {message}",
-                                     self.options.binding_recheck_seconds) from None
+                raise CleanupPending(f"cannot remove the IAM grants yet: {message}", self._next_delay(uid)) from None
             if ledger:
                 left = ", ".join(policy_member_name(name, g) for g in sorted(ledger))
-                raise CleanupPending(f"waiting for Config Connector to delete IAMPolicyMember {left} "
-                                     "(it removes their IAM bindings first)", self.options.binding_recheck_seconds)
+                message = (f"Waiting for Config Connector to delete IAMPolicyMember {left} (it removes their IAM "
+                           "bindings first; kubectl describe iampolicymember shows why it has not).")
+                await self._report_blocked(namespace, name, uid, status, "ConfigConnectorDeleting", message)
+                raise CleanupPending(message, self._next_delay(uid))
             try:
                 ksa = parse_credential(body).service_account_name
             except SpecError:
@@ -510,5 +519,8 @@ class CredentialController:
         conditions = [cond.condition("Ready", False, "DeletionBlocked", blocked),
                       cond.condition("BindingReady", False, reason, message)]
         base = self._statuses.get(uid) or status
-        await self.kube.patch_credential_status(  # type: ignore[union-attr]
-            namespace, name, {"conditions": cond.merge(base.get("conditions"), conditions)})
+        if cond.same_status({"conditions": base.get("conditions")}, {"conditions": conditions}):
+            return  # said already: a retry that changes nothing writes nothing
+        merged = cond.merge(base.get("conditions"), conditions)
+        if await self.kube.patch_credential_status(namespace, name, {"conditions": merged}):  # type: ignore[union-attr]
+            self._statuses[uid] = {**base, "conditions": merged}

@@ -126,12 +126,6 @@ class Grant:
         return None
 
 
-def grants_from_status(items: Any) -> list[Grant]:
-    """The `status.bindings` ledger, ignoring entries this version cannot read."""
-    found = (Grant.from_status(i) for i in items or [] if isinstance(i, Mapping))
-    return sorted({g for g in found if g is not None})
-
-
 # ------------------------------------------------------------------ policy edits
 
 

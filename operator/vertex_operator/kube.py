@@ -109,9 +109,6 @@ class Kube:
         await self._call(self.core.patch_namespaced_config_map, name, namespace, dict(patch),
                          _content_type=MERGE_PATCH)
 
-    async def delete_config_map(self, namespace: str, name: str) -> bool:
-        return await self._delete(self.core.delete_namespaced_config_map, name, namespace)
-
     # ------------------------------------------------------------------ service accounts
 
     async def read_service_account(self, namespace: str, name: str) -> dict[str, Any] | None:

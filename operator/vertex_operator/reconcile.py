@@ -8,8 +8,9 @@ Rules, in one place:
 
 * A workload is served by the oldest route whose `workloadSelector` matches its pod
   template labels (same second: first name). The others report a conflict.
-* A route that cannot produce a sidecar plan (its credential is missing or invalid)
-  freezes its workloads: nothing is rolled until it can; the webhook injects nothing.
+* A route that cannot produce a sidecar plan (its credential is missing or invalid, or
+  its namespace is one the webhook never injects) freezes its workloads: nothing is
+  rolled until it can; the webhook injects nothing.
 * A served workload's pod template carries `config-hash` = the plan's hash and `route`;
   a workload no route serves any more gets `config-hash: none` (rolls to no sidecar).
   Routes with `rolloutStrategy: None` never touch workloads.
@@ -88,6 +89,7 @@ def credential_record(body: Mapping[str, Any]) -> CredentialRecord:
 class Options:
     default_image: str
     server_version: tuple[int, int] | None = None
+    namespace_excluded: bool = False  # a namespace the webhook never injects (system, the operator's own)
 
 
 @dataclass
@@ -109,6 +111,12 @@ def evaluate(record: RouteRecord, credentials: Iterable[CredentialRecord], optio
     route = record.route
     if route is None:
         state.blocked = state.config_error = ("InvalidSpec", f"The route's spec is invalid: {record.error}")
+        return state
+    if options.namespace_excluded:
+        message = (f"Namespace {record.namespace!r} is never injected (a system namespace, or the operator's "
+                   "own): its pods never get the sidecar, so this route serves nothing and its workloads are "
+                   "left alone. Run the workloads in another namespace.")
+        state.blocked = state.config_error = ("NamespaceExcluded", message)
         return state
     found = next((c for c in credentials if c.name == route.credential_name), None)
     if found is None:
@@ -219,6 +227,18 @@ def plan_namespace(records: Iterable[RouteRecord], credentials: Iterable[Credent
             plan.states[record.name], served[record.name], lost[record.name],
             shared[record.name], warnings[record.name])
     return plan
+
+
+def config_not_written(status: Mapping[str, Any], error: str) -> dict[str, Any]:
+    """`status` (from `route_status`) for a route whose ConfigMap write failed: neither
+    ConfigReady nor Ready, and its workloads are not rolled until the write succeeds."""
+    result = dict(status)
+    gen = result.get("observedGeneration")
+    message = (f"Writing ConfigMap {result.get('configMap')} failed: {error}. Selected workloads are not "
+               "rolled out until it is written; the operator retries.")
+    replaced = {t: cond.condition(t, False, "ConfigMapNotWritten", message, gen) for t in ("Ready", "ConfigReady")}
+    result["conditions"] = [replaced.get(c["type"], c) for c in status["conditions"]]
+    return result
 
 
 def _refs(items: list[tuple[str, str]], limit: int = 5) -> str:

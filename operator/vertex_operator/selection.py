@@ -8,7 +8,7 @@ pods always agree on the route that serves them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Iterable, Literal, Mapping, Protocol, TypeVar
 
 Operator = Literal["In", "NotIn", "Exists", "DoesNotExist"]
 OPERATORS: tuple[str, ...] = ("In", "NotIn", "Exists", "DoesNotExist")
@@ -101,7 +101,6 @@ def parse_selector(data: Any, where: str = "selector") -> LabelSelector:
 
 # ----------------------------------------------------------------------- workloads
 
-WORKLOAD_KINDS: tuple[str, ...] = ("Deployment", "StatefulSet", "DaemonSet")
 C = TypeVar("C", bound="Candidate")
 
 
@@ -167,8 +166,3 @@ def precedence(candidate: Candidate) -> tuple[str, str]:
 def selecting(candidates: Iterable[C], labels: Mapping[str, str] | None) -> list[C]:
     """The candidates whose selector matches `labels`, winner first."""
     return sorted((c for c in candidates if c.selector.matches(labels)), key=precedence)
-
-
-def winner(candidates: Sequence[C], labels: Mapping[str, str] | None) -> C | None:
-    chosen = selecting(candidates, labels)
-    return chosen[0] if chosen else None

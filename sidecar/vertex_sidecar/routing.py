@@ -121,6 +121,8 @@ def resolve(path: str, *, service: Service, defaults: Defaults, upstreams: Upstr
     completed = False
     if segments[0] == "projects":
         project, location, rest = _split_project_path(segments)
+        if service == "discovery" and location is not None and location not in ("global",) + MULTI_REGIONS:
+            raise RoutingError(f"Discovery Engine serves the locations global, us and eu; {location!r} is not one")
     else:
         project, location, rest = _complete_collection_path(segments, defaults, service)
         completed = True

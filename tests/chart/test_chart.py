@@ -18,7 +18,7 @@ import yaml
 from cryptography import x509
 
 from tests.chart.tools import (
-    ALL_ENABLED, CHART, NAMESPACE, RELEASE, ROOT, VARIANTS, Docs, find, helm, one, render,
+    ALL_ENABLED, CHART, NAMESPACE, RELEASE, ROOT, VARIANTS, Docs, StrictLoader, find, helm, one, render,
 )
 from vertex_operator import __version__ as operator_version
 from vertex_operator import cli, inject
@@ -47,6 +47,36 @@ def test_every_variant_renders(rendered: dict[str, Docs]) -> None:
     assert set(rendered) == set(VARIANTS)
     for name, docs in rendered.items():
         assert one(docs, "Deployment"), name
+
+
+def test_rendered_yaml_is_read_strictly() -> None:
+    # helm install and kubectl refuse a mapping with a key twice; so does render().
+    with pytest.raises(yaml.constructor.ConstructorError, match="duplicate key"):
+        yaml.load("labels:\n  team: a\n  team: b\n", Loader=StrictLoader)
+
+
+def test_user_labels_never_repeat_or_override_the_selector_labels(rendered: dict[str, Docs]) -> None:
+    # commonLabels, podLabels and additionalLabels that name the chart's own keys: each key
+    # is rendered once (render() reads strictly), and what selects the pod is kept.
+    docs = rendered["colliding-labels"]
+    deployment = one(docs, "Deployment")
+    template = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= template.items()
+    assert template["team"] == "ai"
+    for service in find(docs, "Service"):
+        assert service["spec"]["selector"].items() <= template.items(), service["metadata"]["name"]
+    labels = deployment["metadata"]["labels"]
+    assert labels["app.kubernetes.io/name"] == "vertex-passthrough"
+    assert labels["app.kubernetes.io/component"] == "operator"
+    assert (labels["app.kubernetes.io/part-of"], labels["release"]) == ("ai-platform", "platform")
+    monitor = one(docs, "ServiceMonitor")
+    selected = [s for s in find(docs, "Service")
+                if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+    assert [s["metadata"]["name"] for s in selected] == [f"{RELEASE}-vertex-passthrough-metrics"]
+    pod_monitor = one(docs, "PodMonitor")["metadata"]["labels"]
+    assert (pod_monitor["release"], pod_monitor["app.kubernetes.io/part-of"]) == ("kube-prometheus-stack", "monitoring")
+    dashboards = [d for d in find(docs, "ConfigMap") if d["metadata"]["name"].startswith(f"{RELEASE}-vertex-passthrough-dashboard-")]
+    assert dashboards and all(d["metadata"]["labels"]["grafana_dashboard"] == "1" for d in dashboards)
 
 
 def _kubernetes_versions() -> list[str]:
@@ -246,6 +276,9 @@ def test_operator_args_parse_with_the_operator_cli(variant: str, rendered: dict[
         assert not find(docs, "MutatingWebhookConfiguration") and "webhook" not in ports
         return
     assert options.webhook_port == ports["webhook"]
+    # The operator knows every namespace the webhook never sees (its own via POD_NAMESPACE).
+    (hook,) = one(docs, "MutatingWebhookConfiguration")["webhooks"]
+    assert _excluded(hook) == options.excluded_namespaces | {NAMESPACE}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert options.webhook_cert == f"{mounts['webhook-tls']}/tls.crt"
     assert options.webhook_key == f"{mounts['webhook-tls']}/tls.key"

@@ -67,7 +67,9 @@ def test_runtime_stage(image: Image) -> None:
 def test_oci_labels(image: Image) -> None:
     labels = read(image).final.labels
     assert labels["org.opencontainers.image.title"] == f"vertex-passthrough-{image.extra}"
-    assert labels["org.opencontainers.image.licenses"] == PYPROJECT["project"]["license"]["text"]
+    # PEP 639 `license = "SPDX"`, or the older `license = {text = "SPDX"}` table.
+    license = PYPROJECT["project"]["license"]
+    assert labels["org.opencontainers.image.licenses"] == (license if isinstance(license, str) else license["text"])
     for key in ("description", "version", "revision"):
         assert labels[f"org.opencontainers.image.{key}"], key
 

@@ -36,6 +36,18 @@ VARIANTS: dict[str, tuple[tuple[Path, ...], tuple[str, ...]]] = {
     # A service account made elsewhere, and a fixed name: bindings must follow both.
     "own-account": ((), ("operator.serviceAccount.create=false", "operator.serviceAccount.name=platform-sa",
                          "fullnameOverride=vertex", "operator.logLevel=quiet")),
+    # User labels that collide with the chart's own: each key must still appear once, and
+    # the selectors must keep working.
+    "colliding-labels": ((ALL_ENABLED,), (
+        r"commonLabels.app\.kubernetes\.io/part-of=ai-platform",
+        r"commonLabels.app\.kubernetes\.io/name=platform",
+        r"commonLabels.app\.kubernetes\.io/component=shared",
+        "commonLabels.release=platform",
+        r"operator.podLabels.app\.kubernetes\.io/name=someone-else",
+        "operator.podLabels.team=ai",
+        r"monitoring.podMonitor.additionalLabels.app\.kubernetes\.io/part-of=monitoring",
+        "monitoring.dashboards.additionalLabels.grafana_dashboard=other",
+    )),
 }
 
 
@@ -84,11 +96,30 @@ def render_args(values: Iterable[Path] = (), sets: Iterable[str] = (), *,
     return args
 
 
+class StrictLoader(yaml.SafeLoader):
+    """YAML as `helm install` and kubectl read it (go-yaml): a key twice in one mapping is an
+    error ("mapping key already defined"), where PyYAML would silently keep the last one."""
+
+
+def _unique_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError("while reading a mapping", node.start_mark,
+                                                    f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def render(values: Iterable[Path] = (), sets: Iterable[str] = (), *,
            include_crds: bool = False, chart: Path = CHART) -> list[dict[str, Any]]:
-    """`helm template` → the rendered objects (empty documents dropped)."""
+    """`helm template` → the rendered objects (empty documents dropped), read strictly."""
     out = helm(*render_args(values, sets, include_crds=include_crds, chart=chart)).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
+    return [doc for doc in yaml.load_all(out, Loader=StrictLoader) if doc]
 
 
 def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:

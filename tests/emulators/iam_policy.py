@@ -60,7 +60,10 @@ _SERVICE_ACCOUNT = re.compile(
     r"^projects/(?P<project>[^/:]+)/serviceAccounts/(?P<email>[^/:]+):(?P<method>getIamPolicy|setIamPolicy)$")
 _CONCURRENT = ("There were concurrent policy changes. Please retry the whole read-modify-write "
                "with exponential backoff.")
-_MEMBER = re.compile(r"^(user|serviceAccount|group|domain|principal|principalSet|deleted:[a-z]+):.+|allUsers|allAuthenticatedUsers$")
+# Whole-string: `allUsers` and `allAuthenticatedUsers` exactly; deleted members keep their
+# kind, e.g. deleted:serviceAccount:EMAIL?uid=N, as IAM returns (and accepts back) them.
+_MEMBER = re.compile(r"^(?:(?:user|serviceAccount|group|domain|principal|principalSet|deleted:[A-Za-z]+):.+"
+                     r"|allUsers|allAuthenticatedUsers)$")
 
 
 def project_resource(project_id: str) -> str:

@@ -44,6 +44,10 @@ def test_google_endpoints_and_binding_timings() -> None:
 def test_excluded_namespaces() -> None:
     options = cli.options_from_args(cli.build_parser().parse_args(["--operator-namespace", "vertex-system"]))
     assert options.excluded_namespaces == {"kube-system", "kube-public", "kube-node-lease", "vertex-system"}
+    # The chart's webhook.excludeNamespaces: the webhook is never called there either.
+    more = cli.options_from_args(cli.build_parser().parse_args(
+        ["--operator-namespace", "vertex-system", "--exclude-namespace", "monitoring", "--exclude-namespace", "ci"]))
+    assert more.excluded_namespaces == options.excluded_namespaces | {"monitoring", "ci"}
 
 
 def test_scope_flags_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
@@ -87,7 +91,8 @@ async def test_liveness_endpoint(kube: KubeEmulator, start_operator: Any) -> Non
 async def test_namespace_scoped_operator_ignores_other_namespaces(
         kube: KubeEmulator, cluster: Cluster, start_operator: Any) -> None:
     await start_operator(clusterwide=False, namespaces=("team-a",))
-    for ns in ("team-a", "team-b"):
+    # team-b first: by the time team-a is served, an operator that saw team-b would have acted.
+    for ns in ("team-b", "team-a"):
         await cluster.create(o.namespace(ns))
         await cluster.create(o.credential(ns=ns))
         await cluster.create(o.route(ns=ns))
@@ -99,3 +104,6 @@ async def test_namespace_scoped_operator_ignores_other_namespaces(
     await eventually(served)
     assert await cluster.get("ConfigMap", "team-b", "vertex-sidecar-gemini") is None
     assert "status" not in (await cluster.get("VertexRoute", "team-b", "gemini") or {})
+    touched = [r.url.path for r in list(kube._requests) if "/namespaces/team-b/" in r.url.path
+               and r.headers.get("User-Agent", "").startswith(("kopf/", "vertex-operator/"))]
+    assert touched == []

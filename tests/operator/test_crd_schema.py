@@ -21,7 +21,7 @@ from openapi_schema_validator import OAS30Validator
 
 from tests.operator.harness import CRD_DIR
 from vertex_operator import render
-from vertex_operator.crd import parse_credential, parse_route
+from vertex_operator.crd import SpecError, parse_credential, parse_route
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 KINDS = ("VertexRoute", "VertexCredential")
@@ -177,6 +177,8 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("upstream not a URL", route(upstreams={"aiplatform": "aiplatform.googleapis.com"}), "does not match"),
     ("misspelt field", route(sidecars={"port": 4000}), "spec.sidecars: unknown field"),
     ("long name", {**route(), "metadata": {"name": "r" * 64, "namespace": "ns"}}, "at most 63 characters"),
+    ("empty fallbacks", route(fallbackLocations=[]), "should be non-empty"),
+    ("empty rule fallbacks", route(rules=[{"name": "a", "fallbackLocations": []}]), "should be non-empty"),
     ("no credential mode", credential(), "set exactly one of"),
     ("two credential modes", credential(workloadIdentity=WI, secretRef={"name": "k"}), "set exactly one of"),
     ("binding with a key", credential(secretRef={"name": "k"}, binding={"backend": "manual"}),
@@ -196,6 +198,11 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
      "does not match"),
     ("bad role", credential(workloadIdentity=WI, binding={"roles": ["aiplatform.user"]}), "does not match"),
     ("bad service account name", credential(workloadIdentity=WI, serviceAccountName="Team_A"), "does not match"),
+    # Its name is the value of the vertex.passthrough.dev/credential label on what it owns.
+    ("long credential name", {**credential(workloadIdentity=WI), "metadata": {"name": "c" * 64, "namespace": "ns"}},
+     "at most 63 characters"),
+    ("empty roles", credential(workloadIdentity=WI, binding={"roles": []}), "should be non-empty"),
+    ("empty projects", credential(workloadIdentity=WI, binding={"projects": []}), "should be non-empty"),
 ]
 
 
@@ -204,6 +211,19 @@ def test_bad_object_is_refused(name: str, obj: dict[str, Any], message: str) -> 
     errors = validation_errors(obj)
     assert errors, f"{name} was accepted"
     assert any(message in e for e in errors), errors
+
+
+def test_what_the_operator_refuses_the_schema_refuses_too() -> None:
+    """Lists the operator refuses when empty: the API server says so at apply time instead
+    of a Ready=False condition later."""
+    for spec in ({"fallbackLocations": []}, {"rules": [{"name": "a", "fallbackLocations": []}]}):
+        with pytest.raises(SpecError, match="must not be empty"):
+            parse_route(route(**spec))
+        assert validation_errors(route(**spec))
+    for binding in ({"roles": []}, {"projects": []}):
+        with pytest.raises(SpecError, match="must not be empty"):
+            parse_credential(credential(workloadIdentity=WI, binding=binding))
+        assert validation_errors(credential(workloadIdentity=WI, binding=binding))
 
 
 def test_good_base_objects_pass() -> None:
@@ -246,6 +266,8 @@ def test_names_columns_and_status(kind: str, short: str) -> None:
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    # `kubectl explain` and API docs show them: every column says what it is.
+    assert [c["name"] for c in version["additionalPrinterColumns"] if not c.get("description")] == []
     assert columns["Ready"] == '.status.conditions[?(@.type=="Ready")].status'
     assert columns["Age"] == ".metadata.creationTimestamp"
     if kind == "VertexRoute":

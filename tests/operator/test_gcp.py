@@ -188,6 +188,22 @@ async def test_emulator_policy_versions_and_blind_writes(google: Google) -> None
     assert status == 401 and unauthenticated["error"]["status"] == "UNAUTHENTICATED"
 
 
+async def test_emulator_member_syntax(google: Google) -> None:
+    deleted = "deleted:serviceAccount:old-app@my-vertex.iam.gserviceaccount.com?uid=123456789"
+    google.store.add_project("my-vertex", "111", [{"role": ROLE, "members": [deleted, "allUsers"]}])
+    for member in ("allUsersOfExample", "xallAuthenticatedUsers", "group:"):
+        status, refused = await raw(google, "projects/my-vertex:setIamPolicy",
+                                    {"policy": {"bindings": [{"role": ROLE, "members": [member]}]}})
+        assert status == 400 and "Invalid member" in refused["error"]["message"], member
+    # What IAM hands out it takes back: our edit keeps the deleted member and allUsers.
+    iam = client(google)
+    try:
+        assert (await iam.update_policy("project", "my-vertex", add())).changed
+    finally:
+        await iam.close()
+    assert google.store.members(project_resource("my-vertex"), ROLE) == [deleted, "allUsers", OURS]
+
+
 async def test_operator_identity_is_the_key_holder(google: Google) -> None:
     tokens = gcp.AdcTokenSource()
     token = await tokens.token()

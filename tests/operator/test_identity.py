@@ -43,8 +43,9 @@ def test_grant_status_round_trip() -> None:
     assert project.to_status() == {"resource": "projects/my-proj", "role": "roles/aiplatform.user",
                                    "member": KSA_MEMBER}
     assert gsa.resource == "projects/my-proj/serviceAccounts/caller@my-proj.iam.gserviceaccount.com"
-    items = [g.to_status() for g in (gsa, project)] + [{"resource": "folders/1", "role": "r", "member": "m"}, {}]
-    assert idn.grants_from_status(items) == sorted([project, gsa])
+    assert [Grant.from_status(g.to_status()) for g in (gsa, project)] == [gsa, project]
+    assert Grant.from_status({"resource": "folders/1", "role": "r", "member": "m"}) is None
+    assert Grant.from_status({}) is None
 
 
 # ---------------------------------------------------------------- policy edits

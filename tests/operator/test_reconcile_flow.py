@@ -358,3 +358,63 @@ async def test_changes_made_while_the_operator_was_down(
 
     await eventually(caught_up)
     await wait_annotations(cluster, "chat-v2", **{ROUTE: "gemini"})
+
+
+async def test_one_refused_workload_write_does_not_stop_the_rest(
+        kube: KubeEmulator, cluster: Cluster, operator: OperatorThread) -> None:
+    await setup_namespace(cluster)
+    # An admission policy refuses every change to this one Deployment (sorted before "chat").
+    kube.fail("PATCH", r"/deployments/billing$", status=403, times=10**6)
+    await cluster.create(o.deployment("billing", labels={"app": "chat"}))
+    await cluster.create(o.deployment())
+    await cluster.create(o.route())
+    route = await wait_condition(cluster, "gemini", "ConfigReady", "True")
+    await wait_annotations(cluster, "chat", **{HASH: route["status"]["configHash"], ROUTE: "gemini"})
+    await eventually(lambda: _selected(cluster, 2))
+    assert template_annotations(await cluster.get("Deployment", o.NS, "billing")) == {}
+
+
+async def test_route_deletion_is_not_held_by_a_refused_rollback(
+        kube: KubeEmulator, cluster: Cluster, operator: OperatorThread) -> None:
+    await setup_namespace(cluster)
+    await cluster.create(o.deployment())
+    await cluster.create(o.route())
+    await wait_annotations(cluster, "chat", **{ROUTE: "gemini"})
+    kube.fail("PATCH", r"/deployments/chat$", status=403, times=10**6)
+    await cluster.delete("VertexRoute", o.NS, "gemini")
+    await eventually(lambda: _gone(cluster))
+    # Left as it was, and said so (an Event of the route, and the operator's log).
+    assert template_annotations(await cluster.get("Deployment", o.NS, "chat"))[ROUTE] == "gemini"
+
+
+async def test_a_route_in_a_namespace_that_is_never_injected_serves_nothing(
+        kube: KubeEmulator, cluster: Cluster, operator: OperatorThread) -> None:
+    ns = operator.options.operator_namespace
+    await cluster.create(o.namespace(ns))
+    await cluster.create(o.credential(ns=ns))
+    await cluster.create(o.deployment(ns=ns))
+    await cluster.create(o.route(ns=ns))
+
+    async def explained() -> dict[str, Any]:
+        route = await cluster.get("VertexRoute", ns, "gemini")
+        ready = condition(route, "Ready")
+        assert (ready["status"], ready["reason"]) == ("False", "NamespaceExcluded"), ready
+        return route  # type: ignore[return-value]
+
+    route = await eventually(explained)
+    assert f"Namespace {ns!r} is never injected" in condition(route, "Ready")["message"]
+    assert template_annotations(await cluster.get("Deployment", ns, "chat")) == {}  # no pointless rollout
+    assert not [w for w in operator_writes(kube) if "/deployments/" in w]
+
+
+async def test_a_refused_config_map_holds_the_rollout_and_is_reported(
+        kube: KubeEmulator, cluster: Cluster, operator: OperatorThread) -> None:
+    await setup_namespace(cluster)
+    await cluster.create(o.deployment())
+    kube.fail("POST", r"/namespaces/team-a/configmaps$", status=403, times=10**6)  # e.g. a quota
+    await cluster.create(o.route())
+    route = await wait_condition(cluster, "gemini", "ConfigReady", "False", "ConfigMapNotWritten")
+    assert condition(route, "Ready")["reason"] == "ConfigMapNotWritten"
+    assert "Writing ConfigMap vertex-sidecar-gemini failed: 403" in condition(route, "Ready")["message"]
+    # Pods of a new rollout would wait for the missing ConfigMap: nothing is rolled.
+    assert template_annotations(await cluster.get("Deployment", o.NS, "chat")) == {}

@@ -133,7 +133,16 @@ async def test_unselected_and_opted_out_pods_are_untouched(cluster: Cluster, adm
 @pytest.mark.parametrize("namespace", ["kube-system", "vertex-system"])
 async def test_system_and_operator_namespaces_are_never_injected(
         cluster: Cluster, admission: Admission, namespace: str) -> None:
-    await arrange(cluster, ns=namespace)
+    await cluster.create(o.namespace(namespace))
+    await cluster.create(o.credential(ns=namespace))
+    await cluster.create(o.route(ns=namespace))
+
+    async def says_so() -> bool:  # the route tells why it serves nothing
+        route = await cluster.get("VertexRoute", namespace, "gemini")
+        ready = [c for c in ((route or {}).get("status") or {}).get("conditions") or [] if c["type"] == "Ready"]
+        return bool(ready) and ready[0]["reason"] == "NamespaceExcluded"
+
+    await eventually(says_so)
     obj = pod(namespace=namespace)
     result, answer = await admission.admit(obj, namespace=namespace)
     assert result == obj and "patch" not in answer

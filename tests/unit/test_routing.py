@@ -126,3 +126,9 @@ def test_project_without_location_goes_to_the_global_host() -> None:
 def test_bad_project_segment() -> None:
     with pytest.raises(RoutingError, match="project"):
         url_of(f"v1/projects/p%2F..%2Fx/locations/us-central1/{GEN}")
+
+
+def test_discovery_engine_only_serves_global_and_multi_regions() -> None:
+    with pytest.raises(RoutingError, match="global, us and eu"):
+        url_of("v1/projects/p1/locations/europe-west4/collections/default_collection/engines/e/servingConfigs/"
+               "default_search:search", "discovery")

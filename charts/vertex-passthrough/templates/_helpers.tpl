@@ -45,16 +45,43 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end -}}
 
-{{- define "vp.labels" -}}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
-app.kubernetes.io/name: {{ include "vp.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
-app.kubernetes.io/part-of: vertex-passthrough
-{{- with .Values.commonLabels }}
-{{ toYaml . }}
+{{/* The labels of an object, built as one map so that no key can appear twice (a
+     duplicate key makes `helm install` fail: "mapping key already defined"). In rising
+     precedence: the chart's informational labels, commonLabels, the labels selectors
+     and Helm rely on (name, instance, managed-by), then the object's own `extra` maps.
+     Use: include "vp.labels" .   or   include "vp.labelsWith" (list . $extra ...) */}}
+{{- define "vp.labelsWith" -}}
+{{- $root := index . 0 -}}
+{{- $labels := dict
+      "helm.sh/chart" (printf "%s-%s" $root.Chart.Name $root.Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-")
+      "app.kubernetes.io/version" $root.Chart.AppVersion
+      "app.kubernetes.io/part-of" "vertex-passthrough" -}}
+{{- range $key, $value := $root.Values.commonLabels }}
+{{- $_ := set $labels $key (toString $value) }}
 {{- end }}
+{{- $_ := set $labels "app.kubernetes.io/name" (include "vp.name" $root) }}
+{{- $_ := set $labels "app.kubernetes.io/instance" $root.Release.Name }}
+{{- $_ := set $labels "app.kubernetes.io/managed-by" $root.Release.Service }}
+{{- range $extra := rest . }}
+{{- range $key, $value := $extra }}
+{{- $_ := set $labels $key (toString $value) }}
+{{- end }}
+{{- end }}
+{{- toYaml $labels }}
+{{- end -}}
+
+{{- define "vp.labels" -}}
+{{- include "vp.labelsWith" (list .) }}
+{{- end -}}
+
+{{/* The operator pod's labels: podLabels, except that they never replace the selector
+     labels (the Deployment and the Services select the pod by those). */}}
+{{- define "vp.podLabels" -}}
+{{- $labels := dict }}
+{{- range $key, $value := .Values.operator.podLabels }}
+{{- $_ := set $labels $key (toString $value) }}
+{{- end }}
+{{- toYaml (merge (include "vp.selectorLabels" . | fromYaml) $labels) }}
 {{- end -}}
 
 {{/* Images: repository:tag, or repository@digest when a digest is given. */}}

@@ -3,7 +3,7 @@
 The handlers only touch the credential itself (its status, kopf's finalizer) and what the
 credential owns; user workloads are never handled here. Google errors do not make these
 handlers fail: they become conditions, and the credential's daemon retries with a growing
-delay. Kubernetes API errors do raise, so kopf retries the handler.
+delay. Kubernetes API errors do raise, so kopf retries the handler (with a growing delay).
 """
 
 from __future__ import annotations
@@ -12,23 +12,25 @@ from typing import Any
 
 import kopf
 
-from vertex_operator.controller import Controller
+from vertex_operator.controller import RETRY_BACKOFF, Controller, describe_error, retry_delay
 from vertex_operator.credential_controller import CleanupPending
 from vertex_operator.crd import CREDENTIAL_PLURAL, GROUP, VERSION
-
-RETRY_BACKOFF = 5.0
 
 
 @kopf.on.resume(GROUP, VERSION, CREDENTIAL_PLURAL, backoff=RETRY_BACKOFF)
 @kopf.on.create(GROUP, VERSION, CREDENTIAL_PLURAL, backoff=RETRY_BACKOFF)
 @kopf.on.update(GROUP, VERSION, CREDENTIAL_PLURAL, backoff=RETRY_BACKOFF)
-async def credential_reconcile(body: kopf.Body, memo: Any, logger: kopf.Logger, **_: Any) -> None:
+async def credential_reconcile(body: kopf.Body, retry: int, memo: Any, logger: kopf.Logger, **_: Any) -> None:
     controller: Controller = memo.controller
-    await controller.credentials.reconcile(body, trigger="credential", log=logger)
+    try:
+        await controller.credentials.reconcile(body, trigger="credential", log=logger)
+    except Exception as exc:
+        raise kopf.TemporaryError(f"Reconciling the credential failed: {describe_error(exc)}",
+                                  delay=retry_delay(retry)) from exc
 
 
 @kopf.on.delete(GROUP, VERSION, CREDENTIAL_PLURAL, backoff=RETRY_BACKOFF)
-async def credential_finalize(body: kopf.Body, memo: Any, logger: kopf.Logger, **_: Any) -> None:
+async def credential_finalize(body: kopf.Body, retry: int, memo: Any, logger: kopf.Logger, **_: Any) -> None:
     # Routes that still refer to the credential report it (CredentialDeleted) through the
     # index; the finalizer only undoes what the credential made.
     controller: Controller = memo.controller
@@ -36,6 +38,9 @@ async def credential_finalize(body: kopf.Body, memo: Any, logger: kopf.Logger, *
         await controller.credentials.finalize(body, log=logger)
     except CleanupPending as exc:
         raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+    except Exception as exc:
+        raise kopf.TemporaryError(f"Cleaning up the credential failed: {describe_error(exc)}",
+                                  delay=retry_delay(retry)) from exc
 
 
 @kopf.daemon(GROUP, VERSION, CREDENTIAL_PLURAL, cancellation_timeout=5.0)

@@ -2,8 +2,8 @@
 
 Every trigger ends in the same level-based `Controller.sync(namespace)`, serialized per
 namespace, which writes only what differs. Route handlers raise on API errors, so kopf
-retries them; event handlers for credentials and workloads cannot be retried by kopf,
-which is what the periodic resync daemon is for.
+retries them (with a growing delay); event handlers for credentials and workloads cannot
+be retried by kopf, which is what the periodic resync daemon is for.
 """
 
 from __future__ import annotations
@@ -12,31 +12,50 @@ from typing import Any
 
 import kopf
 
-from vertex_operator.controller import Controller, Indexes
+from vertex_operator.controller import (
+    RETRY_BACKOFF, Controller, Indexes, SyncError, describe_error, retry_delay,
+)
 from vertex_operator.crd import (
     CONFIG_HASH_ANNOTATION, CREDENTIAL_PLURAL, GROUP, ROUTE_PLURAL, VERSION,
 )
 from vertex_operator.selection import workload_from_body
 
-RETRY_BACKOFF = 5.0
 WORKLOAD_KINDS = {"deployments": "Deployment", "statefulsets": "StatefulSet", "daemonsets": "DaemonSet"}
 
 
 @kopf.on.resume(GROUP, VERSION, ROUTE_PLURAL, backoff=RETRY_BACKOFF)
 @kopf.on.create(GROUP, VERSION, ROUTE_PLURAL, backoff=RETRY_BACKOFF)
 @kopf.on.update(GROUP, VERSION, ROUTE_PLURAL, backoff=RETRY_BACKOFF)
-async def route_changed(namespace: str | None, memo: Any, **kwargs: Any) -> None:
+async def route_changed(namespace: str | None, retry: int, memo: Any, **kwargs: Any) -> None:
     controller: Controller = memo.controller
-    await controller.sync(namespace or "", Indexes(kwargs), trigger="route")
+    try:
+        await controller.sync(namespace or "", Indexes(kwargs), trigger="route")
+    except Exception as exc:
+        raise kopf.TemporaryError(f"Syncing namespace {namespace} failed: {describe_error(exc)}",
+                                  delay=retry_delay(retry)) from exc
 
 
 @kopf.on.delete(GROUP, VERSION, ROUTE_PLURAL, backoff=RETRY_BACKOFF)
-async def route_deleted(namespace: str | None, uid: str, memo: Any, **kwargs: Any) -> None:
+async def route_deleted(namespace: str | None, uid: str, retry: int, memo: Any, logger: kopf.Logger,
+                        **kwargs: Any) -> None:
     # The index already holds the route with its deletionTimestamp, so this sync no longer
     # counts it: its workloads go to the next route in line or roll back to no sidecar.
     # The ConfigMap is garbage-collected through its owner reference.
     controller: Controller = memo.controller
-    await controller.sync(namespace or "", Indexes(kwargs), trigger="route-deleted")
+    try:
+        await controller.sync(namespace or "", Indexes(kwargs), trigger="route-deleted")
+    except SyncError as exc:
+        if not exc.permanent:
+            raise kopf.TemporaryError(f"Syncing namespace {namespace} failed: {describe_error(exc)}",
+                                      delay=retry_delay(retry)) from exc
+        # Refused for good (RBAC, an admission policy, validation): retrying would hold the
+        # route's finalizer forever. Let the deletion finish and say what was left behind.
+        logger.warning("Deleting the route left writes undone that the API server refused: %s. Workloads it "
+                       "served may keep the pod-template annotation %s; remove it by hand if they should "
+                       "roll back to no sidecar.", exc, CONFIG_HASH_ANNOTATION)
+    except Exception as exc:
+        raise kopf.TemporaryError(f"Syncing namespace {namespace} failed: {describe_error(exc)}",
+                                  delay=retry_delay(retry)) from exc
     controller.forget(uid)
 
 
