@@ -36,6 +36,9 @@ from typing import Any
 
 import websockets
 
+from bench.cores import pinned
+from tests.harness.processes import rss_mb, stop_processes
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "gemini-live-2.5-flash"
 LIVE_PATH = "/ws/google.cloud.aiplatform.v1.LlmBidiService/BidiGenerateContent"
@@ -47,17 +50,6 @@ PING = json.dumps({"realtimeInput": {"text": "ping"}})
 CHUNK_MS = 20
 AUDIO_CHUNK = json.dumps({"realtimeInput": {"audio": {"mimeType": "audio/pcm;rate=16000",
                                                       "data": base64.b64encode(bytes(640)).decode()}}})
-
-
-def pinned(core: int, argv: list[str]) -> list[str]:
-    return ["taskset", "-c", str(core), *argv] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else argv
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 # ------------------------------------------------------------------- the emulator process
@@ -215,12 +207,7 @@ def main() -> int:
                                                              args.sample_every))
         results["rss_after_mb"] = round(rss_mb(sidecar.pid), 1)
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs, timeout_s=15)
         shutil.rmtree(tmp, ignore_errors=True)
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)

@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.cores import pinned
+from tests.harness.processes import PeakRss, rss_mb, stop_processes
+
 ROOT = Path(__file__).resolve().parent.parent
 GEN_PATH = "/v1/projects/bench-proj/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent"
 SSE_PATH = ("/v1/projects/bench-proj/locations/us-central1/publishers/google/models/gemini-2.5-flash"
@@ -46,40 +49,6 @@ done = function(summary, latency, requests)
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout))
 end
 """ % REQUEST_BODY
-
-
-def pinned(core: int, argv: list[str]) -> list[str]:
-    return ["taskset", "-c", str(core), *argv] if shutil.which("taskset") else argv
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-class RssSampler:
-    """Highest RSS of a process while a block runs (sampled every 50 ms)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb(self.pid))
-            time.sleep(0.05)
-
-    def __enter__(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def start(argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
@@ -228,7 +197,7 @@ def main() -> int:
         for concurrency in (1, 16, 64):
             direct = wrk(direct_base + GEN_PATH, concurrency, duration, script)
             if concurrency == 64:
-                with RssSampler(sidecar.pid) as sampler:
+                with PeakRss(sidecar.pid) as sampler:
                     via = wrk(sidecar_base + GEN_PATH, concurrency, duration, script)
                 results["rss_load_64_mb"] = round(sampler.peak, 1)
             else:
@@ -255,7 +224,7 @@ def main() -> int:
 
         size = (256 if args.quick else 1024) * 1024 * 1024
         idle_before = rss_mb(sidecar.pid)
-        with RssSampler(sidecar.pid) as sampler:
+        with PeakRss(sidecar.pid) as sampler:
             started = time.perf_counter()
             received = run_async(_download(sidecar_host, int(sidecar_port), f"/vertex_ai/v1/projects/bench-proj"
                                            f"/locations/us-central1/publishers/google/models/x:download"
@@ -266,17 +235,12 @@ def main() -> int:
                                "rss_peak_mb": round(sampler.peak, 1)}
 
         streams = 200 if args.quick else 1000
-        with RssSampler(sidecar.pid) as sampler:
+        with PeakRss(sidecar.pid) as sampler:
             completed = run_async(_hold_streams(sidecar_host, int(sidecar_port), "/vertex_ai" + SSE_PATH
                                                 + "&frames=4&gap_ms=500", streams))
         results["open_streams"] = {"opened": streams, "completed": completed, "rss_peak_mb": round(sampler.peak, 1)}
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs)
         shutil.rmtree(tmp, ignore_errors=True)
 
     out_dir = ROOT / "bench" / "results"

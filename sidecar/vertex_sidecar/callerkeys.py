@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import CallerKeys, ConfigError
+from .headers import header_value
 
 _LINE = re.compile(r"^(?:(?P<name>[A-Za-z0-9_.-]+)\s*:\s*)?sha256:(?P<hash>[0-9a-fA-F]{64})$")
 
@@ -32,6 +33,15 @@ class KeyCheck:
             if hmac.compare_digest(digest, expected):  # no early exit: timing says nothing
                 found = name
         return found
+
+    def identify_request(self, headers: list[tuple[bytes, bytes]]) -> str | None:
+        """The name of the key in the request's header, or None (missing or wrong)."""
+        return self.identify(header_value(headers, self.header))
+
+    @property
+    def refusal(self) -> str:
+        return (f"this sidecar requires a caller key in the {self.header.decode()} header; "
+                "ask your platform team for one")
 
 
 def parse_key_file(text: str, source: str) -> tuple[tuple[str, bytes], ...]:

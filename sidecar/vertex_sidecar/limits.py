@@ -27,8 +27,12 @@ class _Window:
         self._buckets = [0] * WINDOW_S
         self._stamps = [-1] * WINDOW_S  # the absolute second each bucket holds
         self.total = 0
+        self._expired_at = -1  # buckets only age out when the second changes
 
     def _expire(self, second: int) -> None:
+        if second == self._expired_at:
+            return
+        self._expired_at = second
         for index in range(WINDOW_S):
             if self._stamps[index] != -1 and second - self._stamps[index] >= WINDOW_S:
                 self.total -= self._buckets[index]

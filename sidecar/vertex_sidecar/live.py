@@ -44,11 +44,11 @@ from websockets.frames import EXTERNAL_CLOSE_CODES
 from . import __version__
 from .config import Config, Defaults, LiveLimits, Route
 from .credentials import CredentialError, TokenSource
-from .errors import error_body
+from .errors import error_body, error_headers
 from .headers import header_value, upstream_request_headers
 from .observe import AccessLog, RequestRecord
 from .policy import matches
-from .proxy import Receive, Scope, Send, new_request_id
+from .proxy import Receive, Scope, Send
 from .routing import PROJECT_SEGMENT_RE, RoutingError, Target, resolve
 from .state import SidecarState, Snapshot
 from .usage import Usage, usage_from_live_message
@@ -467,25 +467,15 @@ class LiveRelay:
                 f"v1.LlmBidiService/BidiGenerateContent; {path[:100]!r} is neither"), "UNKNOWN_PATH")
             return
         snapshot = self.state.snapshot  # the whole session runs under one config
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        request_id = header_value(headers, b"x-request-id")
-        record = RequestRecord(
-            request_id=request_id.decode("latin-1")[:128] if request_id else new_request_id(),
-            method="GET", started=time.perf_counter(), wall_time=time.time(), service="aiplatform",
-            operation=LIVE_METHOD,
-        )
-        tags = header_value(headers, b"tags")
-        if tags:
-            record.tags = tags.decode("utf-8", "replace")[:512]
+        record = RequestRecord.for_request(scope["headers"], method="GET", service="aiplatform",
+                                           operation=LIVE_METHOD)
         session = _Session(self, snapshot, scope, receive, send, endpoint, record)
         try:
             if snapshot.keys is not None:
-                caller = snapshot.keys.identify(header_value(headers, snapshot.keys.header))
+                caller = snapshot.keys.identify_request(scope["headers"])
                 if caller is None:  # like REST: refused before anything else happens
                     record.status, record.error_reason = 401, "CALLER_KEY_REQUIRED"
-                    await _refuse_handshake(scope, send, 401, (
-                        f"this sidecar requires a caller key in the {snapshot.keys.header.decode()} header; "
-                        "ask your platform team for one"), "CALLER_KEY_REQUIRED")
+                    await _refuse_handshake(scope, send, 401, snapshot.keys.refusal, "CALLER_KEY_REQUIRED")
                     return
                 record.extra["caller"] = caller
             await send({"type": "websocket.accept"})
@@ -517,8 +507,7 @@ async def _refuse_handshake(scope: Scope, send: Send, status: int, message: str,
     """An HTTP answer instead of the upgrade, in Google's error shape when the server can."""
     if "websocket.http.response" in scope.get("extensions", {}):
         body = error_body(status, message, reason=reason)
-        await send({"type": "websocket.http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json; charset=UTF-8")]})
+        await send({"type": "websocket.http.response.start", "status": status, "headers": error_headers(body)})
         await send({"type": "websocket.http.response.body", "body": body})
     else:
         await send({"type": "websocket.close", "code": POLICY, "reason": close_reason(message)})

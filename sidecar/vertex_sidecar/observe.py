@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Protocol, TextIO
+
+from .headers import header_value
 
 log = logging.getLogger("vertex_sidecar.access_log")
 
@@ -52,6 +55,20 @@ class RequestRecord:
     response_content_encoding: str | None = None
     parser: ChunkParser | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_request(cls, headers: list[tuple[bytes, bytes]], *, method: str, service: str,
+                    operation: str | None = None) -> "RequestRecord":
+        """A record for a request that just arrived: the caller's `x-request-id` (or a new
+        one) and `tags`, both capped in length."""
+        request_id = header_value(headers, b"x-request-id")
+        tags = header_value(headers, b"tags")
+        return cls(
+            request_id=request_id.decode("latin-1")[:128] if request_id else os.urandom(8).hex(),
+            method=method, started=time.perf_counter(), wall_time=time.time(), service=service,
+            operation=operation, tags=tags.decode("utf-8", "replace")[:512] if tags else None,
+            request_headers=headers,  # for the configured header → metric label mappings
+        )
 
     def mark_first_byte(self) -> None:
         if self.first_byte_s is None:

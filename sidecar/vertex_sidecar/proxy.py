@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from .callerkeys import KeyCheck
@@ -52,10 +50,6 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
-def new_request_id() -> str:
-    return os.urandom(8).hex()
-
-
 class Proxy:
     def __init__(self, state: SidecarState, pool: UpstreamPool, observer: Observer) -> None:
         self.state = state
@@ -63,19 +57,7 @@ class Proxy:
         self.observer = observer
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, service: Service, subpath: str) -> None:
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        request_id = header_value(headers, b"x-request-id")
-        record = RequestRecord(
-            request_id=request_id.decode("latin-1")[:128] if request_id else new_request_id(),
-            method=scope["method"],
-            started=time.perf_counter(),
-            wall_time=time.time(),
-            service=service,
-            request_headers=headers,  # for the configured header → metric label mappings
-        )
-        tags = header_value(headers, b"tags")
-        if tags:
-            record.tags = tags.decode("utf-8", "replace")[:512]
+        record = RequestRecord.for_request(scope["headers"], method=scope["method"], service=service)
         self.observer.request_started(record)
         try:
             await self._handle(scope, receive, send, service, subpath, record)
@@ -189,10 +171,9 @@ class Proxy:
                                          exchange.body, exchange.streamed_length, exchange.streamed)
 
     def _check_caller_key(self, keys: KeyCheck, headers: list[tuple[bytes, bytes]], record: RequestRecord) -> None:
-        name = keys.identify(header_value(headers, keys.header))
+        name = keys.identify_request(headers)
         if name is None:
-            raise SidecarError(401, f"this sidecar requires a caller key in the {keys.header.decode()} header; "
-                                    "ask your platform team for one", reason="CALLER_KEY_REQUIRED")
+            raise SidecarError(401, keys.refusal, reason="CALLER_KEY_REQUIRED")
         record.extra["caller"] = name
 
     async def _token(self, source: TokenSource) -> str:

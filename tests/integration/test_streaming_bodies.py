@@ -3,45 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
-from pathlib import Path
 
 import httpx
 
 from tests.emulators.emulator_paths import expected_download_sha256
 from tests.emulators.serve import ServerHandle
+from tests.harness.processes import PeakRss, rss_mb
 
 from .conftest import StartSidecar
 
 SIZE = 100 * 1024 * 1024
 GEN_PATH = "v1/projects/emu-project/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent"
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-class PeakRss:
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak, self._stop = pid, 0.0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb(self.pid))
-            time.sleep(0.02)
-
-    def __enter__(self) -> "PeakRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def test_100_mb_upload_streams_through_byte_exact(start: StartSidecar, emulator: ServerHandle) -> None:
