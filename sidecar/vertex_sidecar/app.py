@@ -60,6 +60,8 @@ class Sidecar:
         """Begin fetching the first tokens (readiness waits for them) and the log flusher."""
         snapshot = self.state.snapshot
         snapshot.credentials.start(snapshot.needed_credentials())
+        if self.state.governor is not None:
+            self.state.governor.start()
         self._flusher = asyncio.ensure_future(self._flush_logs_periodically())
 
     async def _flush_logs_periodically(self) -> None:
@@ -78,6 +80,8 @@ class Sidecar:
         snapshot.credentials.adopt(previous.credentials)
         snapshot.credentials.start(snapshot.needed_credentials())
         self.state.swap(snapshot)
+        if self.state.governor is not None:
+            self.state.governor.apply_config(config)
         retired = [source for name, source in previous.credentials.sources.items()
                    if snapshot.credentials.sources.get(name) is not source]
         for source in retired:
@@ -87,6 +91,8 @@ class Sidecar:
         flusher = getattr(self, "_flusher", None)
         if flusher is not None:
             flusher.cancel()
+        if self.state.governor is not None:
+            await self.state.governor.aclose()
         self.observers.flush()
         await self.state.snapshot.credentials.aclose()
         await self.pool.aclose()

@@ -19,6 +19,8 @@ import uvicorn
 from . import __version__
 from .app import Sidecar
 from .config import CONFIG_ENV_VAR, Config, ConfigError, ListenAddress, load_config, parse_listen
+from .governor import Governor, wall_clock_from_env
+from .showback import showback_from_env
 from .proxy import StreamAborted
 from .telemetry import Telemetry
 
@@ -80,11 +82,14 @@ def _uvicorn_config(app: Any, config: Config, **extra: Any) -> uvicorn.Config:
 
 def build_sidecar(config: Config) -> Sidecar:
     """The sidecar with its telemetry wired in: metrics, and tokens and cost in the access log."""
-    telemetry = Telemetry(config)
+    telemetry = Telemetry(config, showback=showback_from_env())
     sidecar = Sidecar(config, observers=telemetry.observers(), refresh_observer=telemetry.token_refreshed)
     sidecar.metrics_renderer = telemetry.render
     sidecar.live.observer = telemetry
     telemetry.set_ready_probe(lambda: sidecar.state.ready)
+    sidecar.state.governor = governor = Governor(config, registry=telemetry.registry, wall=wall_clock_from_env(),
+                                                 showback=showback_from_env())
+    sidecar.observers.add(governor)  # after telemetry: debits the tokens and cost it put in the record
     # A reload also brings new pricing and header-label settings to the telemetry.
     sidecar.reload_observer = lambda result: telemetry.config_reloaded(result, sidecar.config)
     return sidecar

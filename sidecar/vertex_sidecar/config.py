@@ -106,6 +106,36 @@ class Limits:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     max_body_bytes: int | None = None
+    # Where requests/tokens per minute are counted (issue 11): "pod" = in each sidecar,
+    # "fleet" = shared by every sidecar of the route through the `store` (per pod without one).
+    scope: str = "pod"
+    on_store_error: str = "allow"  # store unreachable: "allow" = per-pod limits, "deny" = 503
+
+
+LIMIT_SCOPES = ("pod", "fleet")
+STORE_ERROR_POLICIES = ("allow", "deny")
+BUDGET_ACTIONS = ("deny", "warn")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """`budget:` of a route: spend in USD (the access log's cost_usd) per UTC day / month."""
+
+    usd_per_day: float | None = None
+    usd_per_month: float | None = None
+    action: str = "deny"  # "warn": log and count only
+
+
+@dataclass(frozen=True)
+class RedisStore:
+    """`store.redis`: the shared counters of fleet-scoped limits and budgets."""
+
+    url: str
+    password_file: str | None = None
+    tls_ca_file: str | None = None
+    timeout_ms: int = 50  # every store call; a slow store never holds a request longer
+    sync_interval_ms: int = 250  # background refresh of leases and fleet spend
+    key_prefix: str = "vxp"
 
 
 @dataclass(frozen=True)
@@ -155,6 +185,7 @@ class Route:
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     live: LiveLimits = field(default_factory=LiveLimits)
+    budget: Budget | None = None
 
 
 # Metric labels the config may add from request headers (telemetry, issue 5).
@@ -210,6 +241,7 @@ class Config:
     tls: TlsSettings = field(default_factory=TlsSettings)
     caller_keys: CallerKeys | None = None
     reload_interval_seconds: float = 2.0
+    store: RedisStore | None = None
     source: str = "<built-in defaults>"
 
     @property
@@ -438,7 +470,48 @@ def _limits(section: _Section, base: Limits) -> Limits:
         requests_per_minute=section.positive_int("requests_per_minute", base.requests_per_minute),
         tokens_per_minute=section.positive_int("tokens_per_minute", base.tokens_per_minute),
         max_body_bytes=section.positive_int("max_body_bytes", base.max_body_bytes),
+        scope=section.choice("scope", LIMIT_SCOPES, base.scope),
+        on_store_error=section.choice("on_store_error", STORE_ERROR_POLICIES, base.on_store_error),
     )
+    section.finish()
+    return result
+
+
+def _budget(section: _Section) -> Budget:
+    def usd(key: str) -> float | None:
+        value = section.raw(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{section.where(key)}: expected a positive amount in USD, got {_describe(value)}")
+        return float(value)
+
+    result = Budget(usd_per_day=usd("usd_per_day"), usd_per_month=usd("usd_per_month"),
+                    action=section.choice("action", BUDGET_ACTIONS, "deny"))
+    if result.usd_per_day is None and result.usd_per_month is None:
+        raise ConfigError(f"{section.where('usd_per_day')}: a budget needs usd_per_day and/or usd_per_month")
+    section.finish()
+    return result
+
+
+def _store(section: _Section) -> RedisStore:
+    redis = section.section("redis")
+    url = redis.string("url")
+    if url is None or not re.match(r"^rediss?://[^/\s]+", url):
+        raise ConfigError(f"{redis.where('url')}: required, a redis:// or rediss:// URL (e.g. redis://10.0.0.3:6379/0)")
+    if re.match(r"^rediss?://[^/@]*:[^/@]*@", url):
+        raise ConfigError(f"{redis.where('url')}: put the password in password_file, not in the URL")
+    result = RedisStore(
+        url=url,
+        password_file=redis.string("password_file"),
+        tls_ca_file=redis.string("tls_ca_file"),
+        timeout_ms=redis.positive_int("timeout_ms", 50) or 50,
+        sync_interval_ms=redis.positive_int("sync_interval_ms", 250) or 250,
+        key_prefix=redis.string("key_prefix", "vxp", pattern=NAME_RE, hint=" (letters, digits, - _ .)") or "vxp",
+    )
+    if result.timeout_ms > 1000:
+        raise ConfigError(f"{redis.where('timeout_ms')}: at most 1000 ms (a slow store must not hold requests)")
+    redis.finish()
     section.finish()
     return result
 
@@ -511,6 +584,7 @@ def _route(index: int, section: _Section, credentials: Mapping[str, CredentialSp
         limits=_limits(section.section("limits"), limits),
         timeouts=_timeouts(section.section("timeouts"), timeouts),
         live=_live(section.section("live"), live),
+        budget=_budget(section.section("budget")) if section.has("budget") else None,
     )
     section.finish()
     return route
@@ -597,6 +671,7 @@ def parse_config(data: Any, source: str = "<memory>") -> Config:
         tls=_tls(top.section("tls")),
         caller_keys=_caller_keys(top.section("caller_keys")) if top.has("caller_keys") else None,
         reload_interval_seconds=top.positive_float("reload_interval_seconds", 2.0) or 2.0,
+        store=_store(top.section("store")) if top.has("store") else None,
         source=source,
     )
     top.finish()

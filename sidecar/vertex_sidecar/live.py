@@ -424,7 +424,7 @@ class NullLiveObserver:
         return None
 
 
-EndedBy = Literal["client", "upstream", "idle_timeout", "max_duration", "refused"]
+EndedBy = Literal["client", "upstream", "idle_timeout", "max_duration", "refused", "budget"]
 
 
 @dataclass(slots=True)
@@ -530,6 +530,7 @@ class _Session:
         self.meter = TurnMeter()
         self.decision: LiveDecision | None = None
         self.last_activity = 0.0
+        self.budget_crossed: str | None = None
 
     # ------------------------------------------------------------------ setup
     async def run(self) -> None:
@@ -557,6 +558,10 @@ class _Session:
                 TRY_AGAIN_LATER, f"too many Live sessions on route {route.name} (live.max_sessions="
                                  f"{limits.max_sessions}); try again later", status=429, error="TOO_MANY_SESSIONS"))
             return
+        budget = self._budget_spent(route)
+        if budget is not None:  # refused at setup, before Google is called (governor.py)
+            await self._refuse(LiveRefused(TRY_AGAIN_LATER, budget, status=429, error="ROUTE_BUDGET_EXHAUSTED"))
+            return
         self.relay.sessions[route.name] = open_now + 1
         self.relay.observer.live_session_started(route.name)
         started = time.monotonic()
@@ -572,6 +577,11 @@ class _Session:
                 self.relay.sessions.pop(route.name, None)
             self._account(self.meter.flush())
             self.relay.observer.live_session_ended(route.name, time.monotonic() - started)
+
+    def _budget_spent(self, route: Route) -> str | None:
+        governor = self.relay.state.governor
+        state = governor.budget_state(route) if governor is not None and route.budget is not None else None
+        return state.message(route.name) if state is not None else None
 
     async def _first_message(self) -> Frame | None:
         try:
@@ -742,6 +752,8 @@ class _Session:
             except (OSError, RuntimeError):
                 return _Ending("client", 1006, "", clean=False)
             self._account(meter.observe(data))
+            if self.budget_crossed is not None:  # closed cleanly at the end of the turn that spent it
+                return _Ending("budget", TRY_AGAIN_LATER, close_reason(self.budget_crossed))
 
     def _account(self, usage: Usage | None) -> None:
         if usage is None:
@@ -757,6 +769,11 @@ class _Session:
         except Exception:  # accounting must never break the relay
             log.exception("live_turn_usage failed")
             return
+        governor = self.relay.state.governor
+        if governor is not None and decision is not None and governor.governs(decision.route):
+            cost = fields.get("cost_usd") if fields else None
+            governor.spent(decision.route, usage.total_tokens, cost if isinstance(cost, (int, float)) else 0.0)
+            self.budget_crossed = self._budget_spent(decision.route)
         if fields and isinstance(fields.get("cost_usd"), (int, float)):
             stats.cost_usd += fields["cost_usd"]
             stats.priced = True

@@ -100,7 +100,10 @@ class Proxy:
             raise SidecarError(413, f"the request body is {declared_length} bytes; this route "
                                     f"({route.name}) accepts at most {max_body} bytes", reason="BODY_TOO_LARGE")
         limiter = self.state.limiters.for_route(route.name, route.limits)
-        if limiter.active:
+        governor = self.state.governor
+        if governor is not None and governor.governs(route):
+            await governor.admit(route, limiter)  # fleet-wide limits and budgets (governor.py)
+        elif limiter.active:
             refusal = limiter.admit()
             if refusal is not None:
                 raise SidecarError(429, refusal.message, reason="ROUTE_RATE_LIMITED",

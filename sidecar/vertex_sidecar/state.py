@@ -7,6 +7,7 @@ already started keep the snapshot they took, new requests see the new one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .callerkeys import KeyCheck, load_key_check
 from .config import Config
@@ -59,6 +60,7 @@ class SidecarState:
     draining: bool = False
     limiters: Limiters = field(default_factory=Limiters)  # outlive snapshots: a reload keeps the counts
     extras: dict[str, object] = field(default_factory=dict)
+    governor: Any = None  # governor.Governor: fleet-wide limits and budgets, when wired (cli.build_sidecar)
 
     def swap(self, snapshot: Snapshot) -> Snapshot:
         previous, self.snapshot = self.snapshot, snapshot

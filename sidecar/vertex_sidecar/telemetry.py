@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Callable, Final
+from typing import Any, Callable, Final, Mapping
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
@@ -30,6 +30,7 @@ from .config import Config
 from .metrics import ProcessMetrics, TrafficMetrics, render
 from .observe import AccessLog, ChunkParser, Observers, RequestRecord
 from .pricing import PricingTable, model_id
+from .showback import SHOWBACK_LABELS
 from .usage import GzipUsageParser, NullUsageParser, Usage, UsageParser, new_usage_parser, operation_from_method
 
 __all__ = ["MAX_LABEL_VALUES", "MAX_MODEL_LABELS", "NONE", "OTHER", "Telemetry"]
@@ -54,7 +55,8 @@ _UPSTREAM_REASONS: Final = {
 class Telemetry:
     """Accounting, metrics and the Observer hooks of one sidecar process."""
 
-    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None,
+                 showback: Mapping[str, str] | None = None) -> None:
         # `*_created` series double the exposition and Prometheus 2.x ignores them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry or CollectorRegistry()
@@ -62,7 +64,9 @@ class Telemetry:
         self._inflight = self.process.inflight
         self._header_labels: tuple[tuple[bytes, str], ...] = ()
         self._header_index: dict[bytes, int] = {}
-        self.traffic = TrafficMetrics(self.registry)
+        self._showback_all = dict(showback or {})  # namespace / workload / team of the pod (showback.py)
+        self._showback_labels, self._showback, self._showback_fields = _showback_for(self._showback_all, ())
+        self.traffic = TrafficMetrics(self.registry, self._showback_labels)
         self.pricing = PricingTable.default()
         # Label budgets: what was admitted stays admitted for the life of the process (its
         # series outlive a reload), so a reload must not hand out a fresh budget.
@@ -90,7 +94,9 @@ class Telemetry:
             self.traffic.unregister()
             self._header_labels = header_labels
             self._header_index = {name: index for index, (name, _) in enumerate(header_labels)}
-            self.traffic = TrafficMetrics(self.registry, tuple(label for _, label in header_labels))
+            names = tuple(label for _, label in header_labels)
+            self._showback_labels, self._showback, self._showback_fields = _showback_for(self._showback_all, names)
+            self.traffic = TrafficMetrics(self.registry, names + self._showback_labels)
             self._header_values = [{} for _ in header_labels]  # the old label families are gone
         self._reset_caches()
 
@@ -162,7 +168,9 @@ class Telemetry:
         route = record.route or NONE
         model = self._model_label(record.model, status < 400)
         operation = self._operation_label(record.operation, record.publisher, record.model)
-        extras = self._extras(record.request_headers) if self._header_labels else ()
+        extras = (self._extras(record.request_headers) if self._header_labels else ()) + self._showback
+        if self._showback_fields:
+            record.extra.update(self._showback_fields)
         series = self._series_for(route, model, operation, extras)
         series.request(status).inc()
         duration = record.duration_s
@@ -225,7 +233,7 @@ class Telemetry:
                                   ("cached_input", usage.cached_input_tokens), ("reasoning", usage.reasoning_tokens)):
             if count:
                 process.live_tokens.labels(route, label, token_type).inc(count)
-        extras = self._extras(headers) if self._header_labels else ()
+        extras = (self._extras(headers) if self._header_labels else ()) + self._showback
         series = self._series_for(route, label, "generate_content", extras)
         cost = self.pricing.cost(model or "", usage)
         series.account(usage, cost.usd)
@@ -291,6 +299,15 @@ class Telemetry:
             return OTHER
         seen[text] = text
         return text
+
+
+def _showback_for(showback: Mapping[str, str], header_labels: tuple[str, ...]
+                  ) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, str]]:
+    """Showback labels that are set and not taken by a header label (that one wins): names,
+    values, and the access-log fields."""
+    names = tuple(label for label in SHOWBACK_LABELS if showback.get(label) and label not in header_labels)
+    return names, tuple(showback[label] for label in names), {label: showback[label] for label in SHOWBACK_LABELS
+                                                              if showback.get(label)}
 
 
 _DURATION, _TTFT, _TPOT = 0, 1, 2
