@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Mapping
 
 from vertex_operator.identity import provider_name
+from vertex_operator.isolation import COOPERATIVE, SIDECAR_ONLY, SidecarPool
 from vertex_operator.selection import LabelSelector, SelectorError, parse_selector
 
 GROUP = "vertex.passthrough.dev"
@@ -480,11 +481,13 @@ class Credential:
     ready: bool = False
     ready_reason: str = ""
     ready_message: str = ""
+    isolation: str = COOPERATIVE  # or SIDECAR_ONLY (see `isolation`)
+    sidecar_pool: SidecarPool | None = None  # sidecarOnly: the dedicated pool/provider
 
     @property
     def sidecar_type(self) -> SidecarCredentialType:
         """The sidecar credential type this mode maps to."""
-        if self.mode == "federation":
+        if self.mode == "federation" or self.isolation == SIDECAR_ONLY:
             return "external_account_file"
         if self.mode == "secretRef":
             return "service_account_file"
@@ -567,14 +570,67 @@ def parse_credential(body: Mapping[str, Any]) -> Credential:
     if mode == "secretRef" and binding.data:
         raise SpecError("spec.binding: does not apply to secretRef (the key's Google service account "
                         "already holds its roles)")
-    if wi is not None and not wi.gcp_service_account and not wi.project_number and backend != "iamApi":
+    if (wi is not None and not wi.gcp_service_account and not wi.project_number and backend != "iamApi"
+            and spec.data.get("isolation") != SIDECAR_ONLY):  # sidecarOnly binds the pool's principal
         raise SpecError("spec.workloadIdentity.projectNumber: direct Workload Identity needs it (it is part "
                         "of the principal:// member); or set gcpServiceAccount, or binding.backend iamApi "
                         "(the operator looks the number up)")
+    isolation = spec.choice("isolation", (COOPERATIVE, SIDECAR_ONLY), COOPERATIVE)
+    pool = None
+    if isolation == SIDECAR_ONLY:
+        pool, fed = _sidecar_only(spec, mode, name, wi, fed)
+    elif spec.has("sidecarPool"):
+        raise SpecError("spec.sidecarPool: only used with spec.isolation: sidecarOnly")
     ready, reason, message = _readiness(body, generation)
     return Credential(
+        isolation=isolation, sidecar_pool=pool,
         namespace=namespace, name=name, generation=generation, service_account_name=ksa, mode=mode,
         workload_identity=wi, federation=fed, secret=secret, binding_backend=backend,
         binding_roles=roles, binding_projects=projects, uid=uid, deleting=deleting,
         ready=ready, ready_reason=reason, ready_message=message,
     )
+
+
+_POOL_ID_RE = re.compile(r"^[a-z0-9][-a-z0-9]{2,30}[a-z0-9]$")
+
+
+def _sidecar_only(spec: _Fields, mode: str, name: str, wi: WorkloadIdentity | None,
+                  fed: Federation | None) -> tuple[SidecarPool, Federation]:
+    """The dedicated pool of sidecarOnly, and the federation volume the sidecar mounts for it."""
+    if mode == "secretRef":
+        raise SpecError("spec.isolation: sidecarOnly needs workloadIdentity or federation (a key file is "
+                        "no identity the operator can keep away from other containers)")
+    f = spec.sub("sidecarPool")
+    if fed is not None and not f.has("poolId"):
+        # federation already names a dedicated provider: its pool is the sidecar's.
+        found = _PROVIDER_POOL_RE.match(fed.audience)
+        if found is None:
+            raise SpecError("spec.federation.audience: sidecarOnly needs it to name the pool provider "
+                            "(https://iam.googleapis.com/projects/NUMBER/locations/global/workloadIdentityPools/"
+                            "POOL/providers/PROVIDER), or set spec.sidecarPool")
+        pool = SidecarPool(found["number"], found["pool"], found["provider"], issuer=f.string("issuer"),
+                           token_expiration_seconds=fed.token_expiration_seconds)
+        return pool, fed
+    number = f.string("projectNumber", pattern=re.compile(r"^[0-9]{1,20}$"), hint=" (digits only)") or (
+        wi.project_number if wi is not None else None)
+    if not number:
+        raise SpecError("spec.sidecarPool.projectNumber: required (the number of the project that holds the pool; "
+                        "or set spec.workloadIdentity.projectNumber)")
+    pool = SidecarPool(
+        project_number=number,
+        pool_id=f.string("poolId", required=True, pattern=_POOL_ID_RE, hint=" (4-32 of a-z, 0-9, -)") or "",
+        provider_id=f.string("providerId", required=True, pattern=_POOL_ID_RE, hint=" (4-32 of a-z, 0-9, -)") or "",
+        issuer=f.string("issuer", pattern=re.compile(r"^https://\S+$"), hint=" (an https:// issuer URL)"),
+        token_expiration_seconds=f.integer("tokenExpirationSeconds", 3600, low=600, high=86400) or 3600,
+    )
+    if fed is not None and provider_name(fed.audience) != provider_name(pool.audience):
+        raise SpecError("spec.sidecarPool: names another provider than spec.federation.audience; drop one")
+    if fed is None:
+        fed = Federation(audience=pool.audience, config_map_name=federation_config_map_name(name),
+                         token_expiration_seconds=pool.token_expiration_seconds, rendered=True)
+    return pool, fed
+
+
+_PROVIDER_POOL_RE = re.compile(
+    r"^(?:https:)?//iam\.googleapis\.com/projects/(?P<number>[0-9]+)/locations/global/"
+    r"workloadIdentityPools/(?P<pool>[-a-z0-9]+)/providers/(?P<provider>[-a-z0-9]+)$")

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 from kubernetes.client.exceptions import ApiException
 
 from vertex_operator import conditions as cond
-from vertex_operator import metrics
+from vertex_operator import isolation, metrics
 from vertex_operator.credential_reconcile import (
     KCC_GROUP, KCC_PLURAL, KCC_VERSION, SECRET_WARNING, AccountDecision, CredentialStatus, Identity, Ledger,
     bound_condition, config_connector_condition, decide_service_account, federation_config_map,
@@ -208,12 +208,19 @@ class CredentialController:
         else:
             binding, commands = await self._bind(credential, identity, ledger, status, log)
         warnings = [SECRET_WARNING] if credential.mode == "secretRef" else []
+        extra: list[cond.Condition] = []
+        if credential.sidecar_pool is not None:
+            isolated, more = await self._isolation(credential)
+            extra.append(isolated)
+            commands = [*more[:2], *commands, *more[2:]]  # pool setup, grants, then the check
+            if isolated["status"] == "False":
+                warnings.append(isolated["message"])
         ready = ready_condition(binding, account_problem, credential.service_account_name,
                                 identity.member, warnings)
         result = CredentialStatus(
             generation=credential.generation, service_account=credential.service_account_name,
             member=identity.member, ledger=ledger, binding=binding, ready=ready,
-            commands=commands, warnings=warnings)
+            commands=commands, warnings=warnings, extra=extra)
         before = cond.find((self._statuses.get(uid) or status).get("conditions"), "Ready")
         await self._write_status(namespace, name, uid, status, result)
         if ready["status"] == "False" and ready["reason"] not in ("Propagating", "Waiting"):  # those are no errors
@@ -236,6 +243,37 @@ class CredentialController:
                 except (GoogleApiError, NoCredentials) as exc:
                     return identity_of(credential), exc
         return identity_of(credential, number), None
+
+    async def _isolation(self, credential: Credential) -> tuple[cond.Condition, list[str]]:
+        """sidecarOnly: the Isolated condition and, for manual, the setup and check commands."""
+        pool = credential.sidecar_pool
+        assert pool is not None
+        wi = credential.workload_identity
+        ns, ksa = credential.namespace, credential.service_account_name
+        if wi is None:
+            return cond.condition(
+                "Isolated", True, "NoMetadataIdentity",
+                "federation outside GKE: pods have no metadata-server identity, and the pool's principal is "
+                "reachable only with the token mounted into the sidecar."), []
+        gsa = wi.gcp_service_account
+        projects = sorted(set(credential.binding_projects or ()) | {wi.project_id})
+        if credential.binding_backend != "iamApi":
+            return (isolation.manual_isolated_condition(),
+                    [*isolation.setup_commands(pool, wi.project_id),
+                     *isolation.check_commands(projects, gsa, wi.project_id, ns, ksa)])
+        found: list[isolation.Exposure] = []
+        checked: list[str] = []
+        targets = [("project", p) for p in projects] + ([("serviceAccount", gsa)] if gsa else [])
+        for kind, target in targets:
+            try:
+                policy = await self.google.get_policy(kind, target)  # type: ignore[arg-type]
+            except (GoogleApiError, NoCredentials) as exc:
+                reason, message = describe(exc)
+                return cond.condition("Isolated", "Unknown", reason, f"Cannot read the IAM policy: {message}"), []
+            resource = Grant(kind, target, "", "").resource  # type: ignore[arg-type]
+            checked.append(resource)
+            found += isolation.exposures(policy, resource, wi.project_id, ns, ksa, act_as=kind == "serviceAccount")
+        return isolation.isolated_condition(found, checked), []
 
     # -- service account
 

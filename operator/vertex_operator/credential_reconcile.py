@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping
 
 from vertex_operator import conditions as cond
-from vertex_operator import render
+from vertex_operator import isolation, render
 from vertex_operator.crd import (
     API_VERSION, CREDENTIAL_KIND, CREDENTIAL_LABEL, GROUP, MANAGED_BY, MANAGED_BY_LABEL, PREFIX, Credential,
 )
@@ -75,6 +75,12 @@ def identity_of(credential: Credential, project_number: str | None = None) -> Id
     roles = credential.binding_roles or (DEFAULT_ROLE,)
     projects = credential.binding_projects
     wi, fed = credential.workload_identity, credential.federation
+    if credential.sidecar_pool is not None:
+        # sidecarOnly: the dedicated pool's principal, never the GKE pool's.
+        gsa = wi.gcp_service_account if wi is not None else None
+        on = projects or ((wi.project_id,) if wi is not None and not gsa else ())
+        member, grants = isolation.sidecar_grants(credential.sidecar_pool, ns, ksa, roles, on, gsa)
+        return Identity(member, grants)
     if wi is not None and wi.gcp_service_account:
         gsa = wi.gcp_service_account
         member = gke_member(wi.project_id, ns, ksa)
@@ -139,7 +145,11 @@ def owner_reference(credential: Credential) -> dict[str, Any]:
 
 
 def _gsa(credential: Credential) -> str | None:
+    """The Google SA to annotate the KSA with. Never with sidecarOnly: GKE's metadata server
+    would then act as it for every container (only the sidecar's credential file does)."""
     wi = credential.workload_identity
+    if credential.sidecar_pool is not None:
+        return None
     return wi.gcp_service_account if wi is not None else None
 
 
@@ -261,7 +271,13 @@ def federation_config_map(credential: Credential) -> dict[str, Any] | None:
     fed = credential.federation
     if fed is None or not fed.rendered:
         return None
-    config = external_account_config(fed.audience, f"{render.FEDERATION_DIR}/{render.FEDERATION_TOKEN_FILE}")
+    token_file = f"{render.FEDERATION_DIR}/{render.FEDERATION_TOKEN_FILE}"
+    if credential.sidecar_pool is not None:
+        wi = credential.workload_identity
+        config = isolation.credential_config(credential.sidecar_pool, token_file,
+                                             wi.gcp_service_account if wi is not None else None)
+    else:
+        config = external_account_config(fed.audience, token_file)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -386,6 +402,7 @@ class CredentialStatus:
     ready: cond.Condition
     commands: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    extra: list[cond.Condition] = field(default_factory=list)  # e.g. Isolated (sidecarOnly)
 
     def to_dict(self) -> dict[str, Any]:
         status: dict[str, Any] = {
@@ -394,6 +411,7 @@ class CredentialStatus:
             "conditions": [
                 {**self.ready, "observedGeneration": self.generation},
                 {**self.binding, "observedGeneration": self.generation},
+                *({**c, "observedGeneration": self.generation} for c in self.extra),
             ],
             "bindings": ledger_to_status(self.ledger),
         }

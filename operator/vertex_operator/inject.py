@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from vertex_operator import render
+from vertex_operator import isolation, render
 from vertex_operator.crd import (
     INJECT_ANNOTATION, ROUTE_ANNOTATION, Credential, Federation, Route, SecretKey,
 )
@@ -59,6 +59,7 @@ class SidecarPlan:
     secret: SecretKey | None
     project: str
     location: str
+    isolation: str = isolation.COOPERATIVE
 
     @property
     def base_url(self) -> str:
@@ -124,6 +125,7 @@ def plan_sidecar(route: Route, credential: Credential, *, default_image: str,
         secret=credential.secret,
         project=route.defaults.project,
         location=route.defaults.location,
+        isolation=credential.isolation,
     )
 
 
@@ -264,6 +266,8 @@ def blockers(pod_spec: Mapping[str, Any], plan: SidecarPlan) -> list[str]:
     ours = {v["name"] for v in sidecar_volumes(plan)}
     if clash := sorted(taken & ours):
         problems.append(f"it already has volume(s) named {', '.join(clash)}, which the sidecar needs")
+    if plan.isolation == isolation.SIDECAR_ONLY and plan.federation is not None:
+        problems += isolation.pod_problems(pod_spec, plan.federation.audience)
     return problems
 
 
@@ -304,6 +308,13 @@ def inject(pod: Mapping[str, Any], plan: SidecarPlan) -> Injection:
     if opted_out(annotations):
         return Injection(reason=f"opted out with the annotation {INJECT_ANNOTATION}")
     if has_sidecar(spec):
+        if plan.isolation == isolation.SIDECAR_ONLY:
+            # Reinvoked after another webhook: the sidecar's token stays the sidecar's.
+            strip = isolation.foreign_mounts(spec, FEDERATION_VOLUME, CONTAINER_NAME)
+            if strip:
+                return Injection(patch=[{"op": "remove", "path": p} for p in strip], warnings=[
+                    f"removed {len(strip)} mount(s) of the sidecar's token volume from other containers "
+                    "(isolation sidecarOnly)"])
         return Injection(reason="the pod already has the sidecar")
     if problems := blockers(spec, plan):
         route = f"VertexRoute {plan.route_name!r}"
