@@ -97,7 +97,7 @@ def _token(request: Request) -> Response:
         remaining = registry.remaining_s(cached)
         if remaining > state.token_reuse_min_remaining_s:
             return _json({"access_token": cached, "expires_in": int(remaining), "token_type": "Bearer"})
-    token, expires_in = registry.issue(state.email, lifetime, scopes)
+    token, expires_in = registry.issue(state.principal, lifetime, scopes)
     state.token_cache[cache_key] = token
     state.tokens_issued += 1
     return _json({"access_token": token, "expires_in": expires_in, "token_type": "Bearer"})
@@ -167,6 +167,7 @@ def create_metadata_app(
     unavailable_for_first_s: float = 0.0,
     unavailable_status: int = 404,
     scopes: tuple[str, ...] = DEFAULT_SCOPES,
+    principal: str | None = None,
 ) -> Starlette:
     # Only GET exists on the real server (PUT is for guest attributes, not modelled).
     app = Starlette(routes=[Route("/{path:path}", _handle, methods=["GET"])])
@@ -175,6 +176,9 @@ def create_metadata_app(
     state.project_id = project_id
     state.numeric_project_id = numeric_project_id
     state.email = email
+    # Whom its tokens belong to. On GKE with direct Workload Identity (no Google SA) the
+    # email is PROJECT.svc.id.goog and the token acts as the pod KSA's GKE pool principal.
+    state.principal = principal or email
     state.scopes = tuple(scopes)
     state.token_lifetime_s = token_lifetime_s
     state.fail_tokens = False

@@ -161,4 +161,5 @@ def create_vertex_app(registry: TokenRegistry | None) -> Starlette:
     state.anthropic_prompt_cache = set()
     state.calls = collections.Counter()
     state.auth_failures = 0
+    state.allowed_principals = None  # set of principals with a Vertex role; None: every valid token
     return app

@@ -6,12 +6,15 @@
 - unknown or revoked token → 401 ACCESS_TOKEN_TYPE_UNSUPPORTED, expired → 401
   ACCESS_TOKEN_EXPIRED (both "Request had invalid authentication credentials...")
 - token without the cloud-platform scope → 403 ACCESS_TOKEN_SCOPE_INSUFFICIENT
+- a principal without a Vertex role (when `app.state.allowed_principals` is set) → 403
+  IAM_PERMISSION_DENIED "Permission 'aiplatform.endpoints.predict' denied on resource ..."
 401s carry `WWW-Authenticate: Bearer realm="https://accounts.google.com/"` like Google's.
 `/_emulator/...` test paths skip the check unless `app.state.emulator_paths_require_auth`.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from starlette.responses import Response
@@ -33,6 +36,7 @@ CLOUD_PLATFORM_SCOPES = frozenset(
     }
 )
 _REALM = 'Bearer realm="https://accounts.google.com/"'
+_RESOURCE_RE = re.compile(r"projects/[^/]+/locations/[^/]+/(?:publishers/[^/]+/models|endpoints)/[^/:]+")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -93,5 +97,13 @@ class BearerAuth:
             return google_errors.invalid_credentials(method, service, expired=True), 401, invalid
         if record.scopes and not CLOUD_PLATFORM_SCOPES.intersection(record.scopes):
             return google_errors.insufficient_scopes(method, service), 403, None
+        # IAM: with `app.state.allowed_principals` set, only those principals hold Vertex
+        # roles; any other valid token gets Vertex's 403 IAM_PERMISSION_DENIED.
+        app = scope.get("app")
+        allowed = getattr(app.state, "allowed_principals", None) if app else None
+        if allowed is not None and record.subject not in allowed:
+            found = _RESOURCE_RE.search(scope["path"])
+            resource = found.group(0) if found else scope["path"].lstrip("/")
+            return google_errors.permission_denied("aiplatform.endpoints.predict", resource, service), 403, None
         scope[AUTH_SUBJECT_KEY] = record.subject
         return None, 200, None
