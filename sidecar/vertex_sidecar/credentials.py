@@ -23,8 +23,9 @@ from .config import CredentialSpec
 
 log = logging.getLogger("vertex_sidecar.credentials")
 
-REFRESH_AHEAD_S = 300.0  # refresh in the background this long before expiry
-MIN_VALIDITY_S = 30.0  # never hand out a token with less validity than this
+REFRESH_AHEAD_S = 300.0  # refresh in the background this long before expiry (at most half the lifetime)
+MIN_VALIDITY_S = 30.0  # never hand out a token with less validity than this (at most a tenth of the lifetime)
+KEEP_FRESH_MIN_SLEEP_S = 0.5  # the keep-fresh timer never fires more often than this
 WARMUP_BACKOFF_MAX_S = 30.0
 TOKEN_WAIT_S = 5.0  # a request waits at most this long for a token before it gets a 503
 FAILURE_HOLD_S = 2.0  # after a failed refresh, callers get the same error for this long (no refresh storm)
@@ -165,11 +166,22 @@ def explain_refresh_error(spec: CredentialSpec, exc: BaseException, target: str 
     return redact(text)[:500]
 
 
+def refresh_margins(lifetime_s: float) -> tuple[float, float]:
+    """(refresh-ahead, minimum validity) in seconds for a token that lived `lifetime_s` when obtained.
+
+    The fixed margins suit hour-long tokens; a token source handing out 10-second tokens
+    would otherwise never yield a token "valid for 30 s more". Scaled, such a token is
+    refreshed half-way through its life and handed out until its last second.
+    """
+    lifetime_s = max(lifetime_s, 0.0)
+    return min(REFRESH_AHEAD_S, lifetime_s / 2), min(MIN_VALIDITY_S, lifetime_s / 10)
+
+
 class TokenSource:
     """Cached access token for one credential."""
 
     def __init__(self, spec: CredentialSpec, sources: Mapping[str, CredentialSpec] | None = None,
-                 observer: RefreshObserver | None = None) -> None:
+                 observer: RefreshObserver | None = None, clock: Callable[[], float] = time.time) -> None:
         self.spec = spec
         self.name = spec.name
         self._sources = sources or {}
@@ -178,6 +190,9 @@ class TokenSource:
         self._request: Any = None
         self._token: str | None = None
         self._expires_at = 0.0
+        self._refresh_at = 0.0  # start a background refresh from here on
+        self._valid_until = 0.0  # hand the token out until here
+        self._clock = clock
         self._refreshing: asyncio.Future[str] | None = None
         self._warmup: asyncio.Task[None] | None = None
         self.last_error: str | None = None
@@ -185,7 +200,7 @@ class TokenSource:
 
     @property
     def ready(self) -> bool:
-        return self._token is not None and time.time() < self._expires_at - MIN_VALIDITY_S
+        return self._token is not None and self._clock() < self._valid_until
 
     @property
     def expires_at(self) -> float:
@@ -193,9 +208,9 @@ class TokenSource:
 
     def cached(self) -> str | None:
         """The cached token while it is valid (no await: the hot path); None means call `token()`."""
-        now = time.time()
-        if self._token is not None and now < self._expires_at - MIN_VALIDITY_S:
-            if now >= self._expires_at - REFRESH_AHEAD_S and self._refreshing is None:
+        now = self._clock()
+        if self._token is not None and now < self._valid_until:
+            if now >= self._refresh_at and self._refreshing is None:
                 self._start_refresh()  # in the background; the cached token is still good
             return self._token
         return None
@@ -223,7 +238,7 @@ class TokenSource:
         """Forget `token` after Google refused it (401), so the next call refreshes."""
         if token == self._token:
             self._token = None
-            self._expires_at = 0.0
+            self._expires_at = self._refresh_at = self._valid_until = 0.0
 
     def _start_refresh(self) -> asyncio.Future[str]:
         if self._refreshing is None:
@@ -253,7 +268,9 @@ class TokenSource:
                 f"the sidecar could not obtain a Google access token for credential {self.name!r} "
                 f"({self.spec.type}): {message}"
             ) from None
+        ahead, min_validity = refresh_margins(expires_at - self._clock())
         self._token, self._expires_at = token, expires_at
+        self._refresh_at, self._valid_until = expires_at - ahead, expires_at - min_validity
         self.last_error = None
         self._observe("success")
         return token
@@ -289,7 +306,8 @@ class TokenSource:
             try:
                 await self._start_refresh()
                 delay = 0.5
-                sleep_for = max(self._expires_at - REFRESH_AHEAD_S - time.time(), 5.0)
+                # One timer, due when the token enters its refresh window.
+                sleep_for = max(self._refresh_at - self._clock(), KEEP_FRESH_MIN_SLEEP_S)
             except CredentialError:
                 # e.g. a fresh GKE pod whose metadata server is not serving tokens yet
                 sleep_for = delay * (0.5 + random.random())

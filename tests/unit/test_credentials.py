@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from vertex_sidecar.credentials import (
     REFRESH_AHEAD_S,
     CredentialError,
     TokenSource,
+    refresh_margins,
     explain_refresh_error,
 )
 
@@ -80,14 +82,24 @@ async def test_one_refresh_serves_fifty_concurrent_callers(fake: FakeCredentials
     assert fake.refreshes == 1
 
 
+class Clock:
+    """Wall clock with an adjustable offset, so a test can jump to a token's refresh window."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
 async def test_refresh_ahead_serves_the_cached_token_while_refreshing(fake: FakeCredentials) -> None:
     # Valid, but inside the refresh-ahead window: callers get it at once, a refresh starts behind them.
-    fake.lifetime_s = (REFRESH_AHEAD_S + MIN_VALIDITY_S) / 2
-    tokens = source()
+    clock = Clock()
+    tokens = TokenSource(CredentialSpec(name="team-a", type="adc"), clock=clock)
     assert await tokens.token() == "ya29.fake-1"
     fake.started.clear()
     fake.gate.clear()
-    fake.lifetime_s = 3600.0
+    clock.offset = fake.lifetime_s - (REFRESH_AHEAD_S + MIN_VALIDITY_S) / 2
     assert await asyncio.wait_for(tokens.token(), WAIT_S) == "ya29.fake-1"
     await wait_started(fake)
     assert await asyncio.wait_for(tokens.token(), WAIT_S) == "ya29.fake-1"  # still in flight: served cached
@@ -98,6 +110,33 @@ async def test_refresh_ahead_serves_the_cached_token_while_refreshing(fake: Fake
         assert asyncio.get_running_loop().time() < deadline, "the background refresh never landed"
         await asyncio.sleep(0.01)
     assert latest == "ya29.fake-2" and fake.refreshes == 2
+
+
+def test_margins_scale_down_to_short_lived_tokens() -> None:
+    assert refresh_margins(3600) == (REFRESH_AHEAD_S, MIN_VALIDITY_S)  # hour-long tokens: the fixed margins
+    ahead, min_validity = refresh_margins(10)
+    assert (ahead, min_validity) == (5, 1)  # refreshed half-way, handed out until its last second
+    assert refresh_margins(0) == (0, 0)
+
+
+async def test_a_ten_second_token_is_ready_and_refreshed_half_way(fake: FakeCredentials) -> None:
+    # Before the margins scaled, a 10 s token was never "valid for 30 s more": never ready.
+    fake.lifetime_s = 10.0
+    clock = Clock()
+    tokens = TokenSource(CredentialSpec(name="team-a", type="adc"), clock=clock)
+    assert await tokens.token() == "ya29.fake-1"
+    assert tokens.ready and tokens.cached() == "ya29.fake-1" and fake.refreshes == 1
+    fake.started.clear()
+    clock.offset = 6.0  # past half its life: still handed out, a refresh starts behind it
+    assert tokens.cached() == "ya29.fake-1"
+    await wait_started(fake)
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while tokens.cached() != "ya29.fake-2":
+        assert asyncio.get_running_loop().time() < deadline, "the background refresh never landed"
+        await asyncio.sleep(0.01)
+    assert fake.refreshes == 2
+    clock.offset = 6.0 + 9.5  # in the new token's last half second: no longer handed out
+    assert not tokens.ready and tokens.cached() is None
 
 
 async def test_invalidate_forgets_only_the_refused_token(fake: FakeCredentials) -> None:
