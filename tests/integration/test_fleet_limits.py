@@ -193,7 +193,9 @@ def test_budget_warn_only_logs_and_counts(start: StartSidecar, tmp_path: Path, c
 
 def test_store_killed_mid_load_then_restarted(start: StartSidecar, tmp_path: Path, clock_file: Path) -> None:
     redis = RedisServer(tmp_path).start()
-    route_allow = {"name": "allow", "limits": {"scope": "fleet", "requests_per_minute": 100000}}
+    # Small enough that a lease (at most 1 % of the limit) runs out soon after the kill, so
+    # the sidecars must fall back; large enough that the load never reaches it.
+    route_allow = {"name": "allow", "limits": {"scope": "fleet", "requests_per_minute": 2000}}
     sidecars = fleet(start, route_allow, redis.store_config(timeout_ms=30), clock_file, count=3)
     start_of_window(clock_file)
 
