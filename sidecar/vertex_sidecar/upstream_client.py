@@ -287,9 +287,10 @@ class UpstreamPool:
                       total_timeout: float | None = None) -> UpstreamResponse:
         """Send a request; return once the response headers arrived.
 
-        `body` is bytes (sent inline, and retried once on a fresh connection if a pooled
-        connection turns out to be dead) or an async iterable streamed as it is produced,
-        with Content-Length when `content_length` is given, else chunked.
+        `body` is bytes (sent inline) or an async iterable streamed as it is produced, with
+        Content-Length when `content_length` is given, else chunked. A pooled connection
+        that turns out to be dead is replaced and the request sent again only when that
+        cannot run it twice (`_may_resend`).
         """
         replayable = body is None or isinstance(body, bytes)
         attempt = 0
@@ -303,12 +304,10 @@ class UpstreamPool:
                 conn.close()
                 self._all.discard(conn)
                 raise
-            except UpstreamError:
+            except UpstreamError as exc:
                 conn.close()
                 self._all.discard(conn)
-                # A pooled connection the server closed while idle fails before any byte of
-                # the response: safe to replay once on a fresh connection.
-                if reused and replayable and attempt == 1 and conn.status == 0:
+                if reused and replayable and attempt == 1 and _may_resend(method, exc, conn):
                     continue
                 raise
             except BaseException:
@@ -320,6 +319,8 @@ class UpstreamPool:
                         body: bytes | AsyncIterable[bytes] | None, content_length: int | None,
                         first_byte_timeout: float | None, total_timeout: float | None) -> UpstreamResponse:
         assert conn.transport is not None
+        if conn.closed or conn.transport.is_closing():
+            raise _NothingWritten("the pooled upstream connection closed before the request was sent")
         conn._reset()
         conn.is_head = method == "HEAD"
         head = [f"{method} {target} HTTP/1.1\r\nhost: {conn.origin.host_header}\r\n".encode("latin-1")]
@@ -414,6 +415,23 @@ class UpstreamPool:
             conn.close()
         self._all.clear()
         self._idle.clear()
+
+
+class _NothingWritten(UpstreamError):
+    """The connection was found dead before a byte of the request went out."""
+
+
+# The methods Go's net/http resends (Request.isReplayable); a POST (every generateContent)
+# may already be running, and billing, at Google once its bytes are out.
+_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+
+def _may_resend(method: str, exc: UpstreamError, conn: _Connection) -> bool:
+    """Go's net/http rule for a reused connection that failed: resend when nothing was
+    written, or when the method is idempotent and no byte of a response came back."""
+    if isinstance(exc, _NothingWritten):
+        return True
+    return method in _IDEMPOTENT_METHODS and conn.status == 0
 
 
 def _make_upload_observer(conn: _Connection) -> Callable[[asyncio.Task[None]], None]:
