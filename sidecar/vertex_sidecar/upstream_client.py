@@ -119,6 +119,8 @@ class _Connection(asyncio.Protocol):
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > MAX_RESPONSE_HEADER_BYTES:
             raise httptools.HttpParserError(f"response headers larger than {MAX_RESPONSE_HEADER_BYTES // 1024} KiB")
+        if self.status:
+            return  # a trailer field (after a chunked body): not a header, and not relayed
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -175,21 +177,34 @@ class _Connection(asyncio.Protocol):
         return (not self.closed and self.complete and self.error is None
                 and not self.is_head and self.keep_alive)
 
-    async def write_body(self, body: AsyncIterable[bytes], chunked: bool) -> None:
+    async def write_body(self, body: AsyncIterable[bytes], content_length: int | None) -> None:
+        """Stream `body`: chunked, or exactly `content_length` bytes. A body that does not
+        match its declared length fails the exchange (and the connection is closed), so the
+        upstream sees an aborted request, never a short or overlong one that looks whole."""
         assert self.transport is not None
+        chunked = content_length is None
+        sent = 0
         async for chunk in body:
             if not chunk:
                 continue
             if self.closed or self.error is not None:
                 raise self.error or UpstreamError("the upstream closed the connection during the upload")
+            sent += len(chunk)
             if chunked:
                 self.transport.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            elif sent > content_length:  # type: ignore[operator]
+                raise UpstreamError(f"the request body has more bytes than its declared Content-Length "
+                                    f"({content_length}); it was not sent whole")
             else:
                 self.transport.write(chunk)
             if not self._write_ready.is_set():
                 await self._write_ready.wait()
-        if chunked and not self.closed:
-            self.transport.write(b"0\r\n\r\n")
+        if chunked:
+            if not self.closed:
+                self.transport.write(b"0\r\n\r\n")
+        elif sent != content_length:
+            raise UpstreamError(f"the request body ended after {sent} bytes, fewer bytes than its declared "
+                                f"Content-Length ({content_length}); the upstream request was aborted")
 
 
 class UpstreamResponse:
@@ -340,7 +355,7 @@ class UpstreamPool:
             head.append(b"transfer-encoding: chunked\r\n\r\n" if chunked
                         else b"content-length: %d\r\n\r\n" % content_length)
             conn.transport.write(b"".join(head))
-            upload = asyncio.ensure_future(conn.write_body(body, chunked))
+            upload = asyncio.ensure_future(conn.write_body(body, content_length))
             upload.add_done_callback(_make_upload_observer(conn))
         loop = asyncio.get_running_loop()
         deadline_handle = None

@@ -24,6 +24,7 @@ Faults (`FAULTS`):
   drop-on-reuse        `ok` on a connection's first request; later ones: closed without answer
                        (a keep-alive connection the server dropped just as the request came)
   error-json           a relayed Google error: 429 RESOURCE_EXHAUSTED
+  trailers             200 JSON, chunked, then trailer fields (`x-trailer-*`), all in one write
 
 `x-fault-hold: S` delays any behaviour by S seconds (keeps many requests in flight at once).
 
@@ -60,7 +61,7 @@ __all__ = ["FAULTS", "FaultStats", "FaultyServer", "running_faulty_server"]
 FAULTS = (
     "ok", "stream", "reset-mid-stream", "reset-before-headers", "close-before-headers", "slow-first-byte",
     "slow-drip", "huge-headers", "garbage", "bad-chunk", "bad-chunk-first", "short-body", "close-delimited",
-    "drop-on-reuse", "error-json",
+    "drop-on-reuse", "error-json", "trailers",
 )
 _MODEL_RE = re.compile(r"/models/fault-([a-z-]+?)(?::|$|/|\?)")
 
@@ -372,6 +373,13 @@ class _ServerConnection(asyncio.Protocol):
                                      "status": "RESOURCE_EXHAUSTED"}}).encode()
         self._write(self._head("429 Too Many Requests", [("content-type", "application/json; charset=UTF-8"),
                                                          ("content-length", str(len(data)))]) + data)
+        return True
+
+    async def _fault_trailers(self, request: _Request) -> bool:
+        data = json.dumps({**self._candidate("ok", request.model, True), "echo": self._echo(request)}).encode()
+        self._write(self._head("200 OK", [("content-type", "application/json"), ("transfer-encoding", "chunked"),
+                                          ("trailer", "x-trailer-status, x-trailer-location")])
+                    + self._chunk(data) + b"0\r\nx-trailer-status: done\r\nx-trailer-location: /elsewhere\r\n\r\n")
         return True
 
 

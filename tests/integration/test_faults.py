@@ -19,7 +19,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -30,7 +30,7 @@ import pytest
 from tests.emulators.faulty import FaultyServer, running_faulty_server
 from tests.harness.sidecar_process import SidecarProcess, start_sidecar
 from vertex_sidecar.routing import Origin
-from vertex_sidecar.upstream_client import UpstreamPool
+from vertex_sidecar.upstream_client import UpstreamError, UpstreamPool
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -201,6 +201,16 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     return predicate()
 
 
+async def async_wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> bool:
+    """`wait_until` for in-process tests: the event loop keeps running while it polls."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.01)
+    return predicate()
+
+
 # --------------------------------------------------------------------------- upstream faults
 
 
@@ -287,6 +297,43 @@ def test_google_errors_are_relayed_untouched(rig: Rig) -> None:
     outcome = call(rig.url("fault-error-json"))
     assert_google_error(outcome, 429, "RESOURCE_EXHAUSTED")
     assert outcome.json()["error"]["message"] == "Resource exhausted (emulated)."
+
+
+def test_upstream_trailers_never_become_response_headers(rig: Rig) -> None:
+    """The `trailers` fault sends its body and trailer fields in one segment, so they are all
+    parsed before the sidecar starts its answer; they must not join the header list."""
+    for _ in range(2):  # a fresh, then a pooled connection
+        response = httpx.post(rig.url("fault-trailers"), content=b"{}")
+        assert response.status_code == 200 and response.json()["echo"]["body_length"] == 2
+        assert not [name for name in response.headers if name.startswith("x-trailer-")], response.headers
+    assert_serves(rig)
+
+
+async def test_a_streamed_upload_must_match_its_declared_content_length() -> None:
+    """In process, at the client's interface: fewer bytes than declared abort the upstream
+    request (it must never look complete, nor wait for bytes that never come); more are
+    refused before the excess is written (it would be read as the next request)."""
+    with running_faulty_server() as faulty:
+        pool = UpstreamPool()
+        origin = Origin("http", "127.0.0.1", faulty.port)
+        target = "/v1/projects/p/locations/us-central1/publishers/google/models/gemini:generateContent"
+
+        async def body(sizes: list[int]) -> AsyncIterator[bytes]:
+            for size in sizes:
+                yield b"b" * size
+
+        try:
+            for sizes, declared, words in (([40, 30], 100, "fewer"), ([60, 60], 100, "more")):
+                aborted, completed = faulty.stats.aborted_uploads, faulty.stats.completed_uploads
+                with pytest.raises(UpstreamError, match=f"{words} bytes than"):
+                    await pool.request(origin, "POST", target, [], body(sizes), content_length=declared,
+                                       first_byte_timeout=5)
+                assert await async_wait_until(lambda: faulty.stats.aborted_uploads == aborted + 1), words
+                assert faulty.stats.completed_uploads == completed, words
+            response = await pool.request(origin, "POST", target, [], body([60, 40]), content_length=100)
+            assert response.status == 200 and json.loads(await response.read())["echo"]["body_length"] == 100
+        finally:
+            await pool.aclose()
 
 
 def test_a_sent_post_is_never_replayed_when_a_pooled_connection_drops(rig: Rig) -> None:
