@@ -50,6 +50,7 @@ from .observe import AccessLog, RequestRecord
 from .policy import matches
 from .proxy import Receive, Scope, Send
 from .routing import PROJECT_SEGMENT_RE, RoutingError, Target, resolve
+from .segments import SegmentError, check_segment
 from .state import SidecarState, Snapshot
 from .usage import Usage, usage_from_live_message
 
@@ -195,6 +196,12 @@ def split_model(text: str) -> ModelName:
     """``M``, ``models/M``, ``publishers/X/models/M`` or the full
     ``projects/P/locations/L/publishers/X/models/M``; anything else is refused."""
     parts = text.split("/")
+    for part in parts:  # as for REST paths: no dot segment, however it is escaped (segments.py)
+        try:
+            check_segment(part)
+        except SegmentError as exc:
+            raise LiveRefused(INVALID_DATA, f"setup.model is refused: {exc}", status=400,
+                              error="INVALID_PATH") from None
     if len(parts) == 1:
         project = location = None
         publisher, model = "google", parts[0]

@@ -2,7 +2,9 @@
 
 The location segment is the only part of a request that chooses a host, so it is
 validated against a strict token grammar before any URL is built (no SSRF): anything with
-dots, slashes, percent-escapes, ports, userinfo or uppercase is refused.
+dots, slashes, percent-escapes, ports, userinfo or uppercase is refused. Every segment is
+checked and put in canonical form first (`segments`): dot segments hidden behind
+percent-escapes are refused, and the policy sees, and Google is sent, the decoded names.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from .config import API_VERSIONS, Defaults, Upstreams
+from .segments import SegmentError, canonical_segment, check_segment
 
 Service = Literal["aiplatform", "discovery"]
 
@@ -52,7 +55,7 @@ class Origin:
 class Target:
     service: Service
     origin: Origin
-    path: str  # upstream path, starting with "/", percent-encoding kept as received
+    path: str  # upstream path, starting with "/", segments in canonical form (segments.py)
     api_version: str
     project: str | None
     location: str | None
@@ -105,12 +108,7 @@ def resolve(path: str, *, service: Service, defaults: Defaults, upstreams: Upstr
       ``{v}/projects/{p}/...``                 project-level calls without a location → global
       ``{v}/publishers/...``, ``models/...``   SDK "collection" paths, completed from defaults
     """
-    segments = path.split("/")
-    if any(s in ("", ".", "..") for s in segments) or "\\" in path:
-        raise RoutingError(
-            f"the path {path!r} has empty, '.' or '..' segments; send a Vertex AI resource path "
-            "such as v1/projects/PROJECT/locations/LOCATION/publishers/google/models/MODEL:generateContent"
-        )
+    segments = canonical_segments(path)
     api_version: str | None = None
     if segments[0] in API_VERSIONS:
         api_version = segments.pop(0)
@@ -131,6 +129,9 @@ def resolve(path: str, *, service: Service, defaults: Defaults, upstreams: Upstr
     origin = origin_for(upstream_template(service, host_location, upstreams), host_location)
     resource = ["projects", project] + (["locations", location] if location else []) + rest
     publisher, model, method = describe_resource(rest)
+    for kind, name in (("publisher", publisher), ("model", model)):
+        if name is not None and "%" in name:  # no real name has a reserved or non-ASCII character
+            raise RoutingError(f"the {kind} name {_shorten(name)!r} holds a percent-escape; send the plain name")
     return Target(
         service=service,
         origin=origin,
@@ -143,6 +144,23 @@ def resolve(path: str, *, service: Service, defaults: Defaults, upstreams: Upstr
         method=method,
         completed_from_defaults=completed,
     )
+
+
+def canonical_segments(path: str) -> list[str]:
+    """The path's segments in canonical form (`segments`); dot, empty and slash-hiding segments,
+    however encoded, are refused."""
+    segments = path.split("/")
+    try:
+        if "%" not in path and "\\" not in path:  # the common case: no decoding to do
+            for segment in segments:
+                check_segment(segment)
+            return segments
+        return [canonical_segment(segment) for segment in segments]
+    except SegmentError as exc:
+        raise RoutingError(
+            f"the path {_shorten(path, 160)!r} is refused: {exc}; send a Vertex AI resource path such as "
+            "v1/projects/PROJECT/locations/LOCATION/publishers/google/models/MODEL:generateContent"
+        ) from None
 
 
 def _split_project_path(segments: list[str]) -> tuple[str, str | None, list[str]]:

@@ -104,7 +104,7 @@ def test_discovery_engine_search(sidecar: SidecarProcess, emulator: ServerHandle
 
 @pytest.mark.parametrize("location", [
     "evil.com", "us-central1.evil.com", "us-central1:443", "user@us-central1", "US-CENTRAL1",
-    "us-central1%2F..%2F", "%75s-central1", "localhost", "127.0.0.1", "metadata.google.internal",
+    "us-central1%2F..%2F", "%2575s-central1", "localhost", "127.0.0.1", "metadata.google.internal",
 ])
 def test_ssrf_attempts_never_leave_the_sidecar(sidecar: SidecarProcess, emulator: ServerHandle,
                                                location: str) -> None:

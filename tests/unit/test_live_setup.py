@@ -302,3 +302,22 @@ def test_refusal_reasons_quoting_lone_surrogates_can_be_sent(frame: str) -> None
     info.value.reason.encode("utf-8")  # what the close frame carries
     assert info.value.code == 1007
     assert close_reason("\ud800" * 100).encode("utf-8") and len(close_reason("\ud800" * 100).encode()) <= 123
+
+
+@pytest.mark.parametrize("text", [
+    "projects/p1/locations/us-central1/publishers/google/models/gemini-ok/%2e%2e/%2e%2e",
+    "projects/p1/locations/us-central1/publishers/google/models/%2E%2E",
+    "projects/p1/locations/us-central1/publishers/google/models/.%2e",
+    "projects/p1/locations/us-central1/publishers/%252e%252e/models/m",
+    "projects/p1/locations/us-central1/publishers/google/models/m%2F..",
+])
+def test_escaped_dot_segments_in_the_setup_model_are_invalid_paths(text: str) -> None:
+    with pytest.raises(LiveRefused) as info:
+        split_model(text)
+    assert (info.value.code, info.value.status, info.value.error) == (1007, 400, "INVALID_PATH")
+
+
+def test_a_percent_escape_in_the_setup_model_is_refused_not_decoded() -> None:
+    with pytest.raises(LiveRefused) as info:
+        split_model("projects/p1/locations/us-central1/publishers/google/models/gemini-2.5-pr%6F")
+    assert info.value.error == "INVALID_MODEL"

@@ -42,7 +42,7 @@ def test_discovery_hosts(location: str, host: str) -> None:
 
 @pytest.mark.parametrize("location", [
     "evil.com", "us-central1.evil.com", "us-central1:443", "user@us-central1", "US-CENTRAL1",
-    "us-central1%2Fevil", "%75s-central1", "localhost", "127.0.0.1", "us-central", "-central1",
+    "us-central1%2Fevil", "%2575s-central1", "localhost", "127.0.0.1", "us-central", "-central1",
     "us_central1", "us-central1#", "us-central1?x", "a" * 30 + "-b" * 10 + "1", "", "global.",
 ])
 def test_location_that_is_not_a_token_is_refused(location: str) -> None:
@@ -60,6 +60,64 @@ def test_location_that_is_not_a_token_is_refused(location: str) -> None:
 def test_dot_segments_and_empty_segments_are_refused(path: str) -> None:
     with pytest.raises(RoutingError):
         url_of(path)
+
+
+ESCAPED_CLIMBS = ["%2e%2e", "%2E%2E", ".%2e", "%2e.", "%252e%252e", "%252E.", "%25252e%25252e", "%2e"]
+
+
+@pytest.mark.parametrize("climb", ESCAPED_CLIMBS)
+def test_percent_encoded_dot_segments_are_refused(climb: str) -> None:
+    # The allowlist bypass of issue 15: matched as written this is p1/gemini-ok, normalised it is p2/gemini-bad.
+    path = ("v1/projects/p1/locations/us-central1/publishers/google/models/gemini-ok/" + f"{climb}/" * 6
+            + "projects/p2/locations/us-central1/publishers/google/models/gemini-bad:generateContent")
+    with pytest.raises(RoutingError) as info:
+        url_of(path)
+    assert info.value.code == 400 and "dot or empty segment" in info.value.message
+
+
+@pytest.mark.parametrize("segment", ["a%2Fb", "a%2fb", "a%5Cb", "a%255Cb", "%252F", "%", "a%zz", "%2", ""])
+def test_segments_hiding_slashes_or_with_bad_escapes_are_refused(segment: str) -> None:
+    with pytest.raises(RoutingError):
+        url_of(f"v1/projects/p1/locations/us-central1/operations/{segment}")
+
+
+def test_segments_encoded_more_than_a_few_times_are_refused() -> None:
+    with pytest.raises(RoutingError, match="more than"):
+        url_of("v1/projects/p1/locations/us-central1/operations/%2525252525252e")
+
+
+@pytest.mark.parametrize(("path", "model", "forwarded"), [
+    # Escapes of unreserved characters are decoded: matched, priced and forwarded as the real name.
+    (f"v1/projects/p1/locations/us-central1/publishers/google/models/gemini-2.5-pr%6F:generateContent",
+     "gemini-2.5-pro", "/v1/projects/p1/locations/us-central1/publishers/google/models/gemini-2.5-pro:generateContent"),
+    ("v1/%70rojects/p1/locations/%75s-central1/publishers/google/models/gemini-2.5-flash:countTokens",
+     "gemini-2.5-flash",
+     "/v1/projects/p1/locations/us-central1/publishers/google/models/gemini-2.5-flash:countTokens"),
+    ("v1/projects/p1/locations/us-central1/operations/op%7e1%2a", None,
+     "/v1/projects/p1/locations/us-central1/operations/op~1%2A"),
+])
+def test_paths_are_forwarded_in_canonical_form(path: str, model: str | None, forwarded: str) -> None:
+    target = resolve(path, service="aiplatform", defaults=DEFAULTS, upstreams=UP)
+    assert (target.model, target.path) == (model, forwarded)
+    assert target.origin.host == "us-central1-aiplatform.googleapis.com"
+
+
+@pytest.mark.parametrize("path", [
+    "v1/projects/p1/locations/us-central1/publishers/google/models/gemini%2D2.5%2Bpro:generateContent",
+    "v1/projects/p1/locations/us-central1/publishers/google/models/gemini-2.5-pro%3AgenerateContent",
+    "v1/projects/p1/locations/us-central1/publishers/goo%25gle/models/gemini-2.5-pro:generateContent",
+    "v1/projects/p1/locations/us-central1/endpoints/4%2B2:predict",
+    "v1/projects/p%31%3Ax/locations/us-central1/publishers/google/models/m:generateContent",
+])
+def test_names_the_policy_matches_keep_no_escape(path: str) -> None:
+    with pytest.raises(RoutingError):
+        url_of(path)
+
+
+def test_discovery_paths_get_the_same_checks() -> None:
+    with pytest.raises(RoutingError, match="dot or empty"):
+        url_of("v1/projects/p1/locations/global/collections/default_collection/engines/e/%2e%2e/%2e%2e/"
+               "engines/other/servingConfigs/default_search:search", "discovery")
 
 
 def test_upstream_override_with_prefix_and_port() -> None:
