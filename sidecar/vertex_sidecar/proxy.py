@@ -82,7 +82,7 @@ class Proxy:
         max_body = config.limits.max_body_bytes
         body_model: str | None = None
         body: bytes | None = None
-        streamed: AsyncIterator[bytes] | None = None
+        streamed: _CallerUpload | None = None
         if "endpoints/openapi/" in subpath and needs_body_model(resolve_target(subpath, service, config)):
             # The OpenAI-compatible endpoint names its model in the body: read it (bounded).
             body, streamed = await self._read_body_start(receive, max_body, record, keep_up_to=max_body)
@@ -122,12 +122,11 @@ class Proxy:
             headers=headers, method=scope["method"], query=scope.get("query_string", b""),
             body=body, streamed=streamed, streamed_length=declared_length if streamed is not None else None,
         )
-        if streamed is None:
-            response = await _unless_caller_leaves(receive, self._send_with_retries(exchange, route, target,
-                                                                                    config, record))
-        else:  # the upload itself notices a caller that leaves
-            response = await self._send_with_retries(exchange, route, target, config, record)
-        parser = await self._relay_response(response, receive, send, record, request_body_done=streamed is None)
+        # A streamed upload notices a caller that leaves itself; once it is whole, a watcher does.
+        upload_finished = streamed.finished if streamed is not None else None
+        response = await _unless_caller_leaves(receive, self._send_with_retries(exchange, route, target,
+                                                                                config, record), upload_finished)
+        parser = await self._relay_response(response, receive, send, record, upload_finished=upload_finished)
         if limiter.counts_tokens and parser is not None:
             limiter.record_tokens(_total_tokens(parser))
 
@@ -189,7 +188,7 @@ class Proxy:
 
     async def _read_body_start(self, receive: Receive, max_body: int | None, record: RequestRecord,
                                keep_up_to: int | None = REPLAY_BUFFER_BYTES
-                               ) -> tuple[bytes, AsyncIterator[bytes] | None]:
+                               ) -> tuple[bytes, "_CallerUpload | None"]:
         """Bodies up to `keep_up_to` bytes come back whole (they can be replayed on a retry);
         larger ones as a stream that starts with what was read so far."""
         parts: list[bytes] = []
@@ -211,6 +210,8 @@ class Proxy:
         if not more:
             return first, None
 
+        finished = asyncio.Event()
+
         async def stream() -> AsyncIterator[bytes]:
             yield first
             while True:
@@ -221,16 +222,19 @@ class Proxy:
                 record.bytes_in += len(chunk)
                 if max_body is not None and record.bytes_in > max_body:
                     raise BodyTooLarge(max_body)
+                if not message.get("more_body", False):
+                    finished.set()
+                    if chunk:
+                        yield chunk
+                    return
                 if chunk:
                     yield chunk
-                if not message.get("more_body", False):
-                    return
 
-        return b"", stream()
+        return b"", _CallerUpload(stream(), finished)
 
     async def _send_upstream(self, target: Target, route: Route, method: str, request_target: str,
                              headers: list[tuple[bytes, bytes]], body: bytes,
-                             streamed_length: int | None, streamed: AsyncIterator[bytes] | None) -> UpstreamResponse:
+                             streamed_length: int | None, streamed: "_CallerUpload | None") -> UpstreamResponse:
         timeouts = route.timeouts
         try:
             return await self.pool.request(
@@ -257,7 +261,8 @@ class Proxy:
                                reason="UPSTREAM_FAILED") from None
 
     async def _relay_response(self, response: UpstreamResponse, receive: Receive, send: Send,
-                              record: RequestRecord, *, request_body_done: bool) -> ChunkParser | None:
+                              record: RequestRecord, *, upload_finished: asyncio.Event | None
+                              ) -> ChunkParser | None:
         record.upstream_status = record.status = response.status
         response_headers = client_response_headers(response.headers)
         content_type = header_value(response_headers, b"content-type")
@@ -278,9 +283,9 @@ class Proxy:
                     parser.feed(chunk)
                 more_pending = not response.complete or response.buffered
                 await send({"type": "http.response.body", "body": chunk, "more_body": more_pending})
-                if more_pending and watcher is None and request_body_done:
+                if more_pending and watcher is None:
                     # A long response: watch for the caller leaving, so Google's stream is cancelled.
-                    watcher = asyncio.ensure_future(_watch_disconnect(receive, response))
+                    watcher = asyncio.ensure_future(_watch_disconnect(receive, response, upload_finished))
             if more_pending:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except UpstreamError as exc:
@@ -313,12 +318,14 @@ _TIMEOUT_KEYS = {"connection": "connect", "response headers": "first_byte", "com
 WATCH_CALLER_AFTER_S = 0.5  # quick answers never pay for a watcher task
 
 
-async def _unless_caller_leaves(receive: Receive, work: Awaitable[UpstreamResponse]) -> UpstreamResponse:
+async def _unless_caller_leaves(receive: Receive, work: Awaitable[UpstreamResponse],
+                                upload_finished: asyncio.Event | None = None) -> UpstreamResponse:
     """Await `work` (waiting for Google's answer); if the caller hangs up meanwhile, cancel it,
     which closes the upstream connection so Google stops working (and billing) on it.
 
     The watcher starts only after WATCH_CALLER_AFTER_S, so the common fast exchange costs a
-    timer, not a task.
+    timer, not a task. With a streamed upload it waits for `upload_finished`: until then the
+    upload reads the caller's messages (and notices a disconnect) itself.
     """
     task = asyncio.current_task()
     assert task is not None
@@ -327,6 +334,8 @@ async def _unless_caller_leaves(receive: Receive, work: Awaitable[UpstreamRespon
 
     async def watch() -> None:
         nonlocal gone
+        if upload_finished is not None:
+            await upload_finished.wait()
         while (await receive())["type"] != "http.disconnect":
             pass
         gone = True
@@ -350,7 +359,10 @@ async def _unless_caller_leaves(receive: Receive, work: Awaitable[UpstreamRespon
             watcher.cancel()
 
 
-async def _watch_disconnect(receive: Receive, response: UpstreamResponse) -> None:
+async def _watch_disconnect(receive: Receive, response: UpstreamResponse,
+                            upload_finished: asyncio.Event | None) -> None:
+    if upload_finished is not None:
+        await upload_finished.wait()  # until then the upload itself reads the caller's messages
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -358,12 +370,24 @@ async def _watch_disconnect(receive: Receive, response: UpstreamResponse) -> Non
             return
 
 
+class _CallerUpload:
+    """A caller's body streamed upstream as it arrives; `finished` is set once its last
+    message was read."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], finished: asyncio.Event) -> None:
+        self._chunks = chunks
+        self.finished = finished
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks
+
+
 class _Exchange:
     """What is sent upstream, kept together so a retry can send it again."""
 
     def __init__(self, *, source: TokenSource | None, forward_caller: bool, extra_drop: frozenset[bytes],
                  headers: list[tuple[bytes, bytes]], method: str, query: bytes, body: bytes,
-                 streamed: AsyncIterator[bytes] | None, streamed_length: int | None) -> None:
+                 streamed: _CallerUpload | None, streamed_length: int | None) -> None:
         self.source = source
         self.forward_caller = forward_caller
         self.extra_drop = extra_drop

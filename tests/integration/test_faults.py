@@ -608,6 +608,32 @@ def test_caller_leaving_before_the_upstream_answers_cancels_the_upstream_request
     assert rig.faulty.wait_for(lambda stats: stats.abandoned > abandoned, 1.0)
 
 
+def large_upload() -> Iterator[bytes]:
+    """~900 KB: beyond the replay buffer, so the proxy streams it upstream as it arrives."""
+    for _ in range(14):
+        yield b"u" * 65536
+
+
+def test_caller_leaving_after_a_large_upload_cancels_the_upstream_request(rig: Rig) -> None:
+    stats = rig.faulty.stats
+    abandoned, completed = stats.abandoned, stats.completed_uploads
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(rig.url("gemini-2.5-flash"), content=large_upload(),
+                   headers={"x-fault": "slow-first-byte", "x-fault-delay": "5"}, timeout=0.5)
+    assert stats.completed_uploads == completed + 1  # the upload was whole; Google is "generating"
+    # Well before the sidecar's own first-byte timeout (3 s), Google's work must be cancelled.
+    assert rig.faulty.wait_for(lambda stats: stats.abandoned > abandoned, 1.5)
+
+    # And while a stream is being relayed: the caller reads one event and hangs up.
+    abandoned = stats.abandoned
+    with httpx.stream("POST", rig.url("gemini-2.5-flash", "streamGenerateContent?alt=sse"), content=large_upload(),
+                      headers={"x-fault": "slow-drip", "x-fault-interval": "0.2"}, timeout=5) as response:
+        assert response.status_code == 200
+        assert next(response.iter_raw())
+    assert rig.faulty.wait_for(lambda stats: stats.abandoned > abandoned, 1.5), "the stream ran on without a reader"
+    assert_serves(rig)
+
+
 # --------------------------------------------------------------------------- the storm
 
 
