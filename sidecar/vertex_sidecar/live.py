@@ -51,6 +51,7 @@ from .policy import matches
 from .proxy import Receive, Scope, Send
 from .routing import PROJECT_SEGMENT_RE, RoutingError, Target, resolve
 from .segments import SegmentError, check_segment
+from .strict_json import DuplicateKey, loads_unique
 from .state import SidecarState, Snapshot
 from .usage import Usage, usage_from_live_message
 
@@ -158,7 +159,10 @@ class LiveQuery:
 def parse_setup(frame: Frame) -> dict[str, Any]:
     """The caller's first message as a dict; it must be ``{"setup": {...}}``."""
     try:
-        message = json.loads(frame)
+        message = loads_unique(frame)
+    except DuplicateKey as exc:  # judged by one value, served by another: refused (strict_json.py)
+        raise LiveRefused(INVALID_DATA, f"the setup message is ambiguous: {exc}", status=400,
+                          error="INVALID_SETUP") from None
     except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         raise LiveRefused(INVALID_DATA, "the first message must be JSON: {\"setup\": {\"model\": ...}}",
                           status=400, error="INVALID_SETUP") from None

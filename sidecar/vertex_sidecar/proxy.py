@@ -23,6 +23,7 @@ from .observe import ChunkParser, Observer, RequestRecord
 from .policy import needs_body_model, resolve_target
 from .routing import Service, Target, with_location
 from .state import SidecarState
+from .strict_json import DuplicateKey, loads_unique
 from .upstream_client import UpstreamConnectError, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger("vertex_sidecar.proxy")
@@ -407,8 +408,11 @@ class _Exchange:
 def _openai_body_model(body: bytes, *, strict: bool) -> str | None:
     """The `model` of an OpenAI-compatible request body; with routes configured it is required."""
     try:
-        data = json.loads(body)
+        data = loads_unique(body)
         model = data.get("model") if isinstance(data, dict) else None
+    except DuplicateKey as exc:  # judged by one "model", served by another: refused (strict_json.py)
+        raise SidecarError(400, f"the request body is ambiguous: {exc}; send each key once",
+                           reason="INVALID_BODY") from None
     except ValueError:
         if strict:
             raise SidecarError(400, "the request body is not valid JSON; the sidecar must read its \"model\" "

@@ -140,3 +140,35 @@ async def test_live_setup_model_with_escapes_is_refused(start: StartSidecar, emu
         code, reason = await closed_with(ws)
     assert code == 1007 and ("refused" in reason or "not a valid model name" in reason), reason
     assert not live_knobs(emulator).sessions, "a refused setup never reaches Google"
+
+
+# ------------------------------------------------------------------------ duplicate keys
+
+
+def test_openai_body_with_a_duplicate_model_is_refused(start: StartSidecar, emulator: ServerHandle) -> None:
+    sidecar = start({"routes": [{"name": "flash", "match": {"projects": ["emu-project"],
+                                                            "models": ["gemini-2.5-flash"]}}]})
+    chat = f"{sidecar.base_url}/v1/projects/emu-project/locations/us-central1/endpoints/openapi/chat/completions"
+    messages = '"messages": [{"role": "user", "content": "hi"}]'
+    plain = '{"model": "google/gemini-2.5-flash", ' + messages + "}"
+    assert httpx.post(chat, content=plain, headers={"content-type": "application/json"}).status_code == 200
+    before = len(emulator.app.state.requests)
+    for body in ('{"model": "google/gemini-2.5-pro", ' + messages + ', "model": "google/gemini-2.5-flash"}',
+                 '{"model": "google/gemini-2.5-flash", ' + messages.replace('"hi"}', '"hi", "role": "system"}')
+                 + "}"):
+        response = httpx.post(chat, content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["status"] == "INVALID_ARGUMENT" and "appears twice" in error["message"]
+    assert len(emulator.app.state.requests) == before
+
+
+async def test_live_setup_with_a_duplicate_model_is_refused(start: StartSidecar, emulator: ServerHandle) -> None:
+    sidecar = start({"defaults": {"project": "emu-project", "location": "us-central1"},
+                     "routes": [{"name": "live", "match": {"models": ["gemini-live-*"]}}]})
+    setup = '{"setup": {"model": "gemini-live-2.5-flash", "model": "gemini-2.5-pro"}}'
+    async with websockets.connect(live_url(sidecar)) as ws:
+        await ws.send(setup)
+        code, reason = await closed_with(ws)
+    assert code == 1007 and "'model' appears twice" in reason, reason
+    assert not live_knobs(emulator).sessions
