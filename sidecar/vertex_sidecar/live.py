@@ -49,7 +49,7 @@ from .headers import header_value, upstream_request_headers
 from .observe import AccessLog, RequestRecord
 from .policy import matches
 from .proxy import Receive, Scope, Send
-from .routing import PROJECT_SEGMENT_RE, RoutingError, Target, resolve
+from .routing import PROJECT_SEGMENT_RE, RoutingError, Target, is_valid_location, resolve
 from .segments import SegmentError, check_segment
 from .strict_json import DuplicateKey, loads_unique
 from .state import SidecarState, Snapshot
@@ -229,12 +229,19 @@ def split_model(text: str) -> ModelName:
 
 
 def complete_model(text: str, *, aliases: Mapping[str, str], defaults: Defaults) -> ModelName:
-    """Resolve an alias (by bare model id) and fill in project and location from `defaults`."""
+    """Resolve an alias (by model id, whatever form the caller used) and fill in project and
+    location from `defaults`.
+
+    A project and location the caller named are kept (never rewritten, as for REST); an
+    alias that is a full resource name pins them only for a caller that named none.
+    """
     name = split_model(text)
-    if name.project is None:
-        alias = aliases.get(name.model) if aliases else None
-        if alias is not None:
-            name = split_model(alias)
+    alias = aliases.get(name.model) if aliases else None
+    if alias is not None:
+        aliased = split_model(alias)
+        if name.project is not None:
+            aliased = ModelName(name.project, name.location, aliased.publisher, aliased.model)
+        name = aliased
     project = name.project or defaults.project
     location = name.location or defaults.location
     if not project or not location:
@@ -270,6 +277,10 @@ def decide_live(requested: str | None, *, query: LiveQuery, endpoint: LiveEndpoi
                           "/vertex_ai/live)", status=400, error="INVALID_SETUP")
     if query.project is not None and not PROJECT_SEGMENT_RE.match(query.project):
         raise LiveRefused(INVALID_DATA, f"vertex_project {query.project[:40]!r} is not a project id",
+                          status=400, error="INVALID_PATH")
+    if query.location is not None and not is_valid_location(query.location):
+        # refused even when the setup names a full model path (and the query would not be used)
+        raise LiveRefused(INVALID_DATA, f"vertex_location {query.location[:40]!r} is not a valid location",
                           status=400, error="INVALID_PATH")
     routes = (config.default_route,) if config.allow_all else config.routes
     last: LiveDecision | None = None

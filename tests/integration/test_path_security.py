@@ -172,3 +172,31 @@ async def test_live_setup_with_a_duplicate_model_is_refused(start: StartSidecar,
         code, reason = await closed_with(ws)
     assert code == 1007 and "'model' appears twice" in reason, reason
     assert not live_knobs(emulator).sessions
+
+
+# ------------------------------------------------------------------ Live aliases and query
+
+
+async def test_live_aliases_apply_to_full_names_and_bad_query_parameters_are_refused(
+        start: StartSidecar, emulator: ServerHandle) -> None:
+    sidecar = start({"defaults": {"project": "emu-project", "location": "us-central1"},
+                     "routes": [{"name": "live", "match": {"models": ["gemini-live-*"]},
+                                 "aliases": {"fast": LIVE_MODEL}}]})
+    full_alias = "projects/emu-project/locations/europe-west4/publishers/google/models/fast"
+    async with websockets.connect(live_url(sidecar)) as ws:
+        await ws.send(json.dumps({"setup": {"model": full_alias}}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10)) == {"setupComplete": {}}
+    record = live_knobs(emulator).sessions[-1]
+    assert record.setup is not None and record.setup["setup"]["model"] == (
+        f"projects/emu-project/locations/europe-west4/publishers/google/models/{LIVE_MODEL}")
+    assert record.upstream_host == "europe-west4-aiplatform.googleapis.com"
+
+    full = f"projects/emu-project/locations/us-central1/publishers/google/models/{LIVE_MODEL}"
+    for query, words in [("vertex_location=evil.example.com", "vertex_location"),
+                         ("vertex_location=us-central1%2F..%2F", "vertex_location"),
+                         ("vertex_project=a%2Fb", "vertex_project")]:
+        async with websockets.connect(live_url(sidecar, query)) as ws:
+            await ws.send(json.dumps({"setup": {"model": full}}))
+            code, reason = await closed_with(ws)
+        assert code == 1007 and words in reason, reason
+    assert len(live_knobs(emulator).sessions) == 1

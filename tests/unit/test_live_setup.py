@@ -321,3 +321,23 @@ def test_a_percent_escape_in_the_setup_model_is_refused_not_decoded() -> None:
     with pytest.raises(LiveRefused) as info:
         split_model("projects/p1/locations/us-central1/publishers/google/models/gemini-2.5-pr%6F")
     assert info.value.error == "INVALID_MODEL"
+
+
+def test_aliases_apply_to_full_resource_names_keeping_the_callers_project_and_location() -> None:
+    decision = decide("projects/eu-proj/locations/europe-west1/publishers/google/models/fast")
+    assert decision.route.name == "live-eu"
+    assert decision.resource == "projects/eu-proj/locations/europe-west1/publishers/google/models/gemini-live-2.5-flash"
+    # A pinned alias does not move a caller who named its own project and location.
+    pinned = decide("projects/eu-proj/locations/europe-west4/publishers/google/models/pinned")
+    assert (pinned.project, pinned.location, pinned.model) == ("eu-proj", "europe-west4", "gemini-live-2.5-flash")
+    assert decide("models/fast").model == "gemini-live-2.5-flash"
+
+
+@pytest.mark.parametrize("query", ["vertex_location=evil.example.com", "vertex_location=us-central1%2F..",
+                                   "vertex_project=a/b", "vertex_location=US-CENTRAL1"])
+def test_malformed_query_parameters_are_refused_even_with_a_full_model_name(query: str) -> None:
+    config = parse_config_text("defaults: {project: top-proj, location: us-central1}")
+    with pytest.raises(LiveRefused) as info:
+        decide(FULL, query, config=config)
+    assert (info.value.code, info.value.error) == (1007, "INVALID_PATH")
+    assert ("vertex_location" in info.value.reason) or ("vertex_project" in info.value.reason)
