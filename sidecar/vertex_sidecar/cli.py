@@ -20,6 +20,7 @@ from . import __version__
 from .app import Sidecar
 from .config import CONFIG_ENV_VAR, Config, ConfigError, ListenAddress, load_config, parse_listen
 from .governor import Governor, wall_clock_from_env
+from .listener import BoundedHttpToolsProtocol
 from .showback import showback_from_env
 from .proxy import StreamAborted
 from .telemetry import Telemetry
@@ -74,7 +75,7 @@ def bind(address: ListenAddress) -> socket.socket:
 
 def _uvicorn_config(app: Any, config: Config, **extra: Any) -> uvicorn.Config:
     return uvicorn.Config(
-        app, interface="asgi3", http="httptools", ws="websockets-sansio", loop="none", lifespan="off", access_log=False,
+        app, interface="asgi3", http=BoundedHttpToolsProtocol, ws="websockets-sansio", loop="none", lifespan="off", access_log=False,
         server_header=False, date_header=False, log_config=None, proxy_headers=False,
         timeout_graceful_shutdown=int(max(config.drain_seconds, 1)), timeout_keep_alive=75, **extra,
     )

@@ -493,14 +493,53 @@ def test_a_10000_character_path_is_relayed(rig: Rig) -> None:
     assert_serves(rig)
 
 
-def test_a_100_kb_header_line_does_not_hurt_the_sidecar(rig: Rig) -> None:
-    big = "a" * (100 * 1024)
+def test_header_and_target_sizes_are_bounded_with_431_and_414(rig: Rig) -> None:
+    seen = rig.faulty.stats.total_requests()
+    # Up to the bounds (64 KiB of header fields, a 32 KiB target), relayed; Google judges.
     response = raw_exchange(rig, request_bytes("POST", rig.path("gemini-2.5-flash"), b"{}",
-                                               headers=[("x-big", big)]))
-    # uvicorn (httptools) sets no header-size limit, so it is relayed; Google judges it.
-    assert response.status == 200
-    assert json.loads(response.body)["echo"]["header_bytes"] > 100 * 1024
+                                               headers=[("x-big", "a" * 60_000)]))
+    assert response.status == 200 and json.loads(response.body)["echo"]["header_bytes"] > 60_000
+    for headers in ([("x-big", "a" * 100 * 1024)], [(f"x-many-{i}", "m" * 1000) for i in range(70)]):
+        response = raw_exchange(rig, request_bytes("POST", rig.path("gemini-2.5-flash"), b"{}", headers=headers))
+        assert response.status == 431 and response.headers["connection"] == "close"
+        assert raw_error(response)["status"] == "INVALID_ARGUMENT"
+        assert "64 KiB" in raw_error(response)["message"]
+    response = raw_exchange(rig, request_bytes("POST", rig.path("m" * 33_000), b"{}"))
+    assert response.status == 414 and "32 KiB" in raw_error(response)["message"]
+    assert rig.faulty.stats.total_requests() == seen + 1, "a refused request must never reach an upstream"
+    # The admin listener has the same bounds.
+    admin = httpx.get(rig.sidecar.admin_url + "/healthz", headers={"x-big": "a" * 100 * 1024})
+    assert admin.status_code == 431 and admin.json()["error"]["code"] == 431
+    assert httpx.get(rig.sidecar.admin_url + "/healthz?" + "q" * 33_000).status_code == 414
     assert_serves(rig)
+
+
+def test_a_64_mib_header_is_refused_without_being_buffered(rig: Rig) -> None:
+    """The refusal comes once the bound is passed, not after the sidecar took it all: the
+    caller's send fails long before 64 MiB are out (what is out sits in socket buffers)."""
+    total, piece, sent = 64 * 1024 * 1024, b"h" * 65536, 0
+    with raw_connection(rig) as sock, sock.makefile("rb") as stream:
+        sock.sendall(f"POST {rig.path('gemini-2.5-flash')} HTTP/1.1\r\nhost: x\r\nx-huge: ".encode())
+        try:
+            while sent < total:
+                sock.sendall(piece)
+                sent += len(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        response = read_response(stream)
+    assert response.status == 431, response
+    assert raw_error(response)["details"][0]["reason"] == "HEADERS_TOO_LARGE"
+    assert sent < total // 4, sent
+    assert_serves(rig)
+
+
+def test_caller_trailers_are_not_forwarded_as_headers(rig: Rig) -> None:
+    head = (f"POST {rig.path('gemini-2.5-flash')} HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
+            "trailer: x-sneaky\r\n\r\n")
+    response = raw_exchange(rig, head.encode() + b"2\r\n{}\r\n0\r\nx-sneaky: yes\r\n\r\n")  # one segment
+    assert response.status == 200
+    echo = json.loads(response.body)["echo"]
+    assert echo["body_length"] == 2 and "x-sneaky" not in echo["header_names"], echo["header_names"]
 
 
 def test_garbage_from_the_caller_gets_400_and_the_sidecar_carries_on(rig: Rig) -> None:
