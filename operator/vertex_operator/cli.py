@@ -16,6 +16,7 @@ from vertex_operator import __version__
 from vertex_operator.options import (
     DEFAULT_IAM_ENDPOINT, DEFAULT_RESOURCE_MANAGER_ENDPOINT, DEFAULT_SIDECAR_IMAGE, Options,
 )
+from vertex_operator.policy import PolicyError, load_policy
 
 if TYPE_CHECKING:
     from vertex_operator.controller import Controller
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--binding-recheck-seconds", type=float, default=10.0, metavar="SECONDS",
                    help="first retry after a binding error (doubling up to --resync-interval); also "
                         "how often Config Connector objects are re-read until Ready")
+    g.add_argument("--policy-file", metavar="PATH",
+                   help="the platform team's bounds on VertexCredentials and VertexRoutes (YAML; the chart "
+                        "renders it from the policy values). Without it only roles/aiplatform.user is allowed "
+                        "and no project, Google service account or pool: automatic backends grant nothing")
     w = p.add_argument_group("admission webhook")
     w.add_argument("--no-webhook", action="store_true", help="do not serve the injection webhook")
     w.add_argument("--webhook-addr", default="0.0.0.0")
@@ -99,6 +104,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         iam_propagation_seconds=args.iam_propagation_seconds,
         binding_recheck_seconds=args.binding_recheck_seconds,
         extra_excluded_namespaces=frozenset(args.exclude_namespace),
+        policy=load_policy(args.policy_file),
     )
 
 
@@ -138,11 +144,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_webhook and not (args.webhook_cert and args.webhook_key):
         parser.error("the webhook needs --webhook-cert and --webhook-key (the Helm chart mounts "
                      "them from a Secret); or run with --no-webhook")
+    try:
+        options = options_from_args(args)
+    except PolicyError as exc:
+        parser.error(str(exc))
     kopf.configure(verbose=args.verbose, debug=args.debug, quiet=args.quiet)
     if not args.quiet:
         logging.getLogger("vertex_operator").setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:
-        asyncio.run(run(options_from_args(args)))
+        asyncio.run(run(options))
     except KeyboardInterrupt:
         return 130
     return 0

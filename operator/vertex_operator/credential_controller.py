@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 from kubernetes.client.exceptions import ApiException
 
 from vertex_operator import conditions as cond
-from vertex_operator import isolation, metrics
+from vertex_operator import isolation, metrics, policy
 from vertex_operator.credential_reconcile import (
     KCC_GROUP, KCC_PLURAL, KCC_VERSION, SECRET_WARNING, AccountDecision, CredentialStatus, Identity, Ledger,
     bound_condition, config_connector_condition, decide_service_account, federation_config_map,
@@ -190,6 +190,13 @@ class CredentialController:
             return result.to_dict()
         ledger = self._ledger(uid, status)
 
+        # The platform team's bounds first: out of them, nothing is created or granted.
+        refusal = policy.spec_refusal(self.options.policy, credential, self.options.excluded_namespaces)
+        identity, lookup_error = (Identity(None), None) if refusal else await self._identity(credential)
+        refusal = refusal or policy.grant_refusal(self.options.policy, credential, identity.grants)
+        if refusal:
+            return await self._refuse(credential, status, ledger, refusal, log)
+
         # The service account; a renamed one is released first.
         previous = status.get("serviceAccountName")
         if previous and previous != credential.service_account_name:
@@ -197,8 +204,7 @@ class CredentialController:
         account_problem = await self._ensure_account(credential, log)
         account_problem = account_problem or await self._ensure_federation(credential, log)
 
-        # The identity and its grants.
-        identity, lookup_error = await self._identity(credential)
+        # The grants.
         commands: list[str]
         if account_problem is not None and account_problem[0] == "ServiceAccountConflict":
             # Its member would name an account that is not this credential's: grant nothing.
@@ -230,6 +236,27 @@ class CredentialController:
             (log.warning if news else log.debug)("VertexCredential %s/%s is not Ready (%s): %s", namespace, name,
                                                  ready["reason"], ready["message"])
         self._after(uid, binding, ready)
+        return result.to_dict()
+
+    async def _refuse(self, credential: Credential, status: Mapping[str, Any], ledger: Ledger,
+                      refusal: policy.Refusal, log: Any) -> dict[str, Any]:
+        """Out of the policy's bounds: undo what we granted earlier, grant and create nothing."""
+        ns, name, uid = credential.namespace, credential.name, credential.uid
+        message = refusal.message
+        try:
+            await self._revoke(ns, name, uid, dict(ledger), log)
+        except (GoogleApiError, NoCredentials) as exc:
+            message += f" Removing earlier grants failed (retried): {describe(exc)[1]}"
+        problem = cond.condition("BindingReady", False, "NotAllowed", message)
+        result = CredentialStatus(
+            generation=credential.generation, service_account=credential.service_account_name, member=None,
+            ledger=ledger, binding=problem, ready=cond.condition("Ready", False, "NotAllowed", message))
+        before = cond.find((self._statuses.get(uid) or status).get("conditions"), "Ready")
+        await self._write_status(ns, name, uid, status, result)
+        if before is None or before.get("message") != message:
+            log.warning("VertexCredential %s/%s is refused by the policy: %s", ns, name, message)
+        metrics.ERRORS.labels("binding").inc()
+        self._after(uid, problem, result.ready)
         return result.to_dict()
 
     async def _identity(self, credential: Credential) -> tuple[Identity, BaseException | None]:

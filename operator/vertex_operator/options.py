@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from vertex_operator import __version__
+from vertex_operator.policy import Policy
 
 DEFAULT_SIDECAR_IMAGE = os.environ.get("VERTEX_SIDECAR_IMAGE") or f"vertex-passthrough-sidecar:{__version__}"
 SYSTEM_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"})
@@ -41,6 +42,8 @@ class Options:
     binding_recheck_seconds: float = 10.0  # first retry after an error; Config Connector polling
     iam_retry_seconds: float = 0.5  # first delay after a 409 ABORTED (read-modify-write conflict)
     extra_excluded_namespaces: frozenset[str] = field(default_factory=frozenset)
+    # The platform team's bounds (--policy-file); the defaults refuse every automatic grant.
+    policy: Policy = field(default_factory=Policy)
 
     @property
     def excluded_namespaces(self) -> frozenset[str]:

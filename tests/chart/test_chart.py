@@ -19,6 +19,7 @@ from cryptography import x509
 
 from tests.chart.tools import (
     ALL_ENABLED, CHART, NAMESPACE, RELEASE, ROOT, VARIANTS, Docs, StrictLoader, find, helm, one, render,
+    render_args,
 )
 from vertex_operator import __version__ as operator_version
 from vertex_operator import cli, inject
@@ -251,13 +252,30 @@ def _ports(container: dict[str, Any]) -> dict[str, int]:
     return {p["name"]: p["containerPort"] for p in container["ports"]}
 
 
+def _policy_args(docs: Docs, container: dict[str, Any], folder: Path) -> list[str]:
+    """The operator's args with --policy-file pointing at a copy of the mounted policy ConfigMap."""
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "policy"]
+    volumes = one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    (volume,) = [v for v in volumes if v["name"] == "policy"]
+    config_map = one(docs, "ConfigMap", volume["configMap"]["name"])
+    args = []
+    for arg in container["args"]:
+        if arg.startswith("--policy-file="):
+            path = Path(arg.split("=", 1)[1])
+            assert path.parent == Path(mount["mountPath"]) and path.name in config_map["data"], arg
+            (folder / path.name).write_text(config_map["data"][path.name])
+            arg = f"--policy-file={folder / path.name}"
+        args.append(arg)
+    return args
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_operator_args_parse_with_the_operator_cli(variant: str, rendered: dict[str, Docs]) -> None:
+def test_operator_args_parse_with_the_operator_cli(variant: str, rendered: dict[str, Docs], tmp_path: Path) -> None:
     docs = rendered[variant]
     deployment = one(docs, "Deployment")
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
     container = _operator_container(docs)
-    options = cli.options_from_args(cli.build_parser().parse_args(container["args"]))
+    options = cli.options_from_args(cli.build_parser().parse_args(_policy_args(docs, container, tmp_path)))
     ports = _ports(container)
     # One instance, no peering objects (nothing in RBAC for them) and no kopf-managed webhook
     # configuration (the chart owns it: no cluster-wide webhook write access).
@@ -521,3 +539,42 @@ def test_install_guide_shows_the_architecture_source() -> None:
     blocks = re.findall(r"```mermaid\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     assert blocks == [source]
     assert source.startswith("flowchart ")
+
+
+# ---------------------------------------------------------------- the operator's policy
+
+
+def test_policy_values_reach_the_operator(tmp_path: Path) -> None:
+    values = tmp_path / "policy-values.yaml"
+    values.write_text(textwrap.dedent("""\
+        policy:
+          allowedRoles: [roles/aiplatform.user, roles/aiplatform.viewer]
+          workloadIdentity: {projectId: my-gke, projectNumber: "123456789012"}
+          federationPools: [projects/42/locations/global/workloadIdentityPools/k8s]
+          namespaces:
+            - namespaces: [team-a]
+              projects: [team-a-*]
+              serviceAccounts: ["*@team-a-vertex.iam.gserviceaccount.com"]
+        """))
+    docs = render((values,))
+    container = _operator_container(docs)
+    policy = cli.options_from_args(cli.build_parser().parse_args(_policy_args(docs, container, tmp_path))).policy
+    assert policy.allowed_roles == ("roles/aiplatform.user", "roles/aiplatform.viewer")
+    assert (policy.workload_identity_project, policy.workload_identity_number) == ("my-gke", "123456789012")
+    assert policy.projects_for("team-a") == ("team-a-*",) and policy.projects_for("team-b") == ()
+    assert policy.federation_pools == ("projects/42/locations/global/workloadIdentityPools/k8s",)
+    # A changed policy rolls the operator (it reads the file at start).
+    default = one(render(), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/policy"]
+    assert one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/policy"] != default
+
+
+def test_default_policy_allows_only_vertex_user_and_nothing_else(default_docs: Docs, tmp_path: Path) -> None:
+    container = _operator_container(default_docs)
+    policy = cli.options_from_args(cli.build_parser().parse_args(_policy_args(default_docs, container, tmp_path))).policy
+    assert policy.allowed_roles == ("roles/aiplatform.user",)
+    assert policy.workload_identity_project is None and not policy.namespaces and not policy.federation_pools
+
+
+def test_policy_number_must_be_a_string() -> None:
+    result = helm(*render_args(sets=("policy.workloadIdentity.projectNumber=123456789012",)), check=False)
+    assert result.returncode != 0 and "projectNumber" in result.stderr

@@ -317,6 +317,8 @@ class OperatorThread:
 def operator_options(tls_files: dict[str, pathlib.Path]) -> Any:
     from vertex_operator.options import Options
 
+    from tests.operator.policies import TEST_POLICY
+
     return Options(
         clusterwide=True, standalone=True, sidecar_image="registry.test/vertex-sidecar:test",
         operator_namespace="vertex-system", metrics_addr="127.0.0.1", metrics_port=0,
@@ -325,6 +327,7 @@ def operator_options(tls_files: dict[str, pathlib.Path]) -> Any:
         webhook_ca=str(tls_files["ca"]), resync_seconds=3600,
         # Credential bindings: short waits, so that retries and propagation fit in a test.
         iam_propagation_seconds=0.3, binding_recheck_seconds=0.2, iam_retry_seconds=0.01,
+        policy=TEST_POLICY,
     )
 
 

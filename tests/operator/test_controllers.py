@@ -17,6 +17,7 @@ from tests.emulators.iam_policy import project_resource
 from tests.operator import objects as o
 from tests.operator.conftest import Cluster, Google
 from tests.operator.harness import KubeEmulator
+from tests.operator.policies import TEST_POLICY
 from vertex_operator import conditions as cond
 from vertex_operator.controller import Controller, SyncError, retry_delay
 from vertex_operator.credential_controller import CleanupPending, CredentialController
@@ -43,7 +44,7 @@ async def api(kube: KubeEmulator) -> AsyncIterator[Kube]:
 def options(google: Google | None = None, **extra: Any) -> Options:
     endpoints = google.endpoints if google is not None else {}
     return Options(webhook=False, metrics_port=None, binding_recheck_seconds=0.2, resync_seconds=60,
-                   iam_propagation_seconds=0, iam_retry_seconds=0.01, **endpoints, **extra)
+                   iam_propagation_seconds=0, iam_retry_seconds=0.01, policy=TEST_POLICY, **endpoints, **extra)
 
 
 # ---------------------------------------------------------------- route status

@@ -1,0 +1,115 @@
+"""The platform team's policy against the real operator, emulated IAM and Resource Manager:
+a VertexCredential outside the bounds is Ready=False (NotAllowed) and nothing is granted —
+no setIamPolicy, no IAMPolicyMember, no service account; tightening the policy revokes."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from tests.emulators.iam_policy import project_resource, service_account_resource
+from tests.operator import objects as o
+from tests.operator.conftest import Cluster, Google, eventually
+from tests.operator.harness import KubeEmulator
+from tests.operator.policies import TEST_POLICY
+from tests.operator.test_credentials_flow import DIRECT, ROLE, condition, create, google_projects, wait_for
+
+OTHER_GSA = "billing@team-b-prod.iam.gserviceaccount.com"
+FOREIGN_POOL = "https://iam.googleapis.com/projects/999/locations/global/workloadIdentityPools/mine/providers/p"
+
+
+def sets(google: Google) -> list[tuple[str, str, int]]:
+    return [c for c in google.store.calls if c[0] == "setIamPolicy"]
+
+
+@pytest.mark.parametrize("spec, says", [
+    ({"workloadIdentity": {"projectId": "my-gke", "projectNumber": "123456789012"},
+      "binding": {"backend": "iamApi", "roles": ["roles/owner"], "projects": ["my-vertex"]}},
+     "spec.binding.roles: roles/owner is not an allowed role (allowed: roles/aiplatform.user)"),
+    ({"workloadIdentity": {"projectId": "my-gke", "projectNumber": "123456789012"},
+      "binding": {"backend": "iamApi", "projects": ["team-b-prod"]}},
+     "project team-b-prod is not allowed for namespace team-a"),
+    ({"workloadIdentity": {"projectId": "my-gke", "gcpServiceAccount": OTHER_GSA},
+      "binding": {"backend": "iamApi"}},
+     f"Google service account {OTHER_GSA} is not allowed for namespace team-a"),
+    ({"workloadIdentity": {"projectId": "attacker-gke", "projectNumber": "999"},
+      "binding": {"backend": "iamApi", "projects": ["my-vertex"]}},
+     "spec.workloadIdentity.projectId: attacker-gke is not this cluster's Workload Identity project (my-gke)"),
+    ({"federation": {"audience": FOREIGN_POOL}, "binding": {"backend": "iamApi", "projects": ["my-vertex"]}},
+     "the workload identity pool projects/999/locations/global/workloadIdentityPools/mine is not allowed"),
+    ({"workloadIdentity": {"projectId": "my-gke", "gcpServiceAccount": OTHER_GSA},
+      "binding": {"backend": "configConnector"}},
+     f"Google service account {OTHER_GSA} is not allowed for namespace team-a"),
+], ids=["role", "project", "google-sa", "wi-project", "pool", "config-connector"])
+async def test_out_of_bounds_credential_grants_nothing(
+        kube: KubeEmulator, cluster: Cluster, google: Google, start_operator: Any,
+        spec: dict[str, Any], says: str) -> None:
+    google_projects(google)
+    google.store.add_project("team-b-prod", "444")
+    google.store.add_service_account(OTHER_GSA)
+    await start_operator(**google.endpoints)
+    await create(cluster, o.namespace(), o.credential(**spec))
+    credential = await wait_for(cluster, "VertexCredential", "vertex", "Ready", "False", "NotAllowed", says)
+    message = condition(credential, "Ready")["message"]
+    assert message.startswith("Refused by the operator's policy") and message.endswith("Nothing was granted.")
+    assert condition(credential, "BindingReady")["reason"] == "NotAllowed"
+    assert credential["status"]["bindings"] == []
+    assert sets(google) == []
+    assert google.store.members(project_resource("my-vertex"), "roles/owner") == []
+    assert google.store.members(service_account_resource(OTHER_GSA), "roles/iam.workloadIdentityUser") == []
+    assert await cluster.get("ServiceAccount", o.NS, "vertex") is None
+    assert not [r for r in kube.api_requests(("kopf/", "vertex-operator/")) if r[1] == "iampolicymembers"]
+
+
+async def test_another_namespace_gets_nothing_of_team_a(
+        kube: KubeEmulator, cluster: Cluster, google: Google, start_operator: Any) -> None:
+    google_projects(google)
+    await start_operator(**google.endpoints)
+    await create(cluster, o.namespace("team-b"), o.credential(ns="team-b", workloadIdentity={
+        "projectId": "my-gke", "projectNumber": "123456789012"}, binding={"backend": "iamApi", "projects": ["my-vertex"]}))
+
+    async def refused() -> dict[str, Any]:
+        found = await cluster.get("VertexCredential", "team-b", "vertex")
+        ready = condition(found, "Ready")
+        assert ready["reason"] == "NotAllowed" and "not allowed for namespace team-b" in ready["message"], ready
+        return ready
+    await eventually(refused)
+    assert sets(google) == []
+
+
+async def test_tightened_policy_revokes_what_was_granted(
+        kube: KubeEmulator, cluster: Cluster, google: Google, start_operator: Any) -> None:
+    google_projects(google)
+    first = await start_operator(**google.endpoints)
+    await create(cluster, o.namespace(), o.credential(workloadIdentity={
+        "projectId": "my-gke", "projectNumber": "123456789012"}, binding={"backend": "iamApi", "projects": ["my-vertex"]}))
+    await wait_for(cluster, "VertexCredential", "vertex", "Ready", "True", "Ready")
+    assert google.store.members(project_resource("my-vertex"), ROLE) == [DIRECT]
+    await first.stop()
+
+    # The platform team drops my-vertex from team-a's projects (helm upgrade restarts the operator).
+    allowance = dataclasses.replace(TEST_POLICY.namespaces[0], projects=("my-gke",))
+    await start_operator(policy=dataclasses.replace(TEST_POLICY, namespaces=(allowance,)), **google.endpoints)
+    credential = await wait_for(cluster, "VertexCredential", "vertex", "Ready", "False", "NotAllowed",
+                                "project my-vertex is not allowed for namespace team-a")
+    assert google.store.members(project_resource("my-vertex"), ROLE) == []
+    assert credential["status"]["bindings"] == []
+
+
+async def test_manual_backend_is_not_bounded_but_system_namespaces_are(
+        kube: KubeEmulator, cluster: Cluster, start_operator: Any) -> None:
+    # manual grants nothing itself: whoever runs the printed commands uses their own rights.
+    await start_operator()
+    await create(cluster, o.namespace(), o.credential(workloadIdentity={
+        "projectId": "elsewhere", "projectNumber": "7"}, binding={"roles": ["roles/owner"], "projects": ["any-project"]}))
+    await wait_for(cluster, "VertexCredential", "vertex", "Ready", "True", "ManualBinding")
+    await create(cluster, o.namespace("kube-system"), o.credential(ns="kube-system", secretRef={"name": "k"}))
+
+    async def refused() -> dict[str, Any]:
+        ready = condition(await cluster.get("VertexCredential", "kube-system", "vertex"), "Ready")
+        assert ready["reason"] == "NotAllowed" and "system namespace" in ready["message"], ready
+        return ready
+    await eventually(refused)
+    assert await cluster.get("ServiceAccount", "kube-system", "vertex") is None
