@@ -51,6 +51,7 @@ class Sidecar:
         self.live = LiveRelay(self.state)  # the Live API (WebSocket) relay; telemetry sets live.observer
         self.websocket_handler: WebSocketHandler | None = self.live.handle
         self.metrics_renderer: Callable[[], tuple[bytes, str]] | None = None
+        self.on_close: list[Callable[[], Awaitable[None]]] = []  # e.g. the trace exporter's last flush
 
     @property
     def config(self) -> Config:
@@ -94,6 +95,8 @@ class Sidecar:
         if self.state.governor is not None:
             await self.state.governor.aclose()
         self.observers.flush()
+        for close in self.on_close:
+            await close()
         await self.state.snapshot.credentials.aclose()
         await self.pool.aclose()
 

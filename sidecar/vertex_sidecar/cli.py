@@ -93,7 +93,35 @@ def build_sidecar(config: Config) -> Sidecar:
     sidecar.observers.add(governor)  # after telemetry: debits the tokens and cost it put in the record
     # A reload also brings new pricing and header-label settings to the telemetry.
     sidecar.reload_observer = lambda result: telemetry.config_reloaded(result, sidecar.config)
+    _install_tracing(sidecar, config, telemetry)
     return sidecar
+
+
+def _install_tracing(sidecar: Sidecar, config: Config, telemetry: Telemetry) -> None:
+    """Spans for REST requests and Live turns when `tracing.enabled` (OpenTelemetry is imported
+    only then). A bad OTEL_* setting is logged and leaves tracing off: requests go on."""
+    from .tracing import TracingSetupError, start_tracing, tracing_settings
+
+    try:
+        settings = tracing_settings(config.tracing)
+    except TracingSetupError as exc:
+        log.error("tracing stays off: %s", exc)
+        return
+    if not settings.enabled:
+        return
+    tracer = start_tracing(settings, sidecar.state, telemetry.registry)
+    sidecar.observers.add(tracer)  # last: the span carries the tokens and cost telemetry put in the record
+    sidecar.live.tracer = tracer
+    sidecar.on_close.append(tracer.aclose)
+    reloaded = sidecar.reload_observer
+    assert reloaded is not None
+
+    def reload_observer(result: str) -> None:
+        reloaded(result)
+        if result == "success":
+            tracer.apply_config(sidecar.config)
+
+    sidecar.reload_observer = reload_observer
 
 
 async def serve(config: Config, sidecar: Sidecar | None = None, config_path: str | None = None) -> None:

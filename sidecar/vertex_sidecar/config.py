@@ -210,6 +210,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    """`tracing:` (off by default); the exporter's other settings are the standard OTEL_* variables."""
+
+    enabled: bool = False
+    endpoint: str | None = None  # OTLP/HTTP base URL (/v1/traces is appended); default OTEL_EXPORTER_OTLP_ENDPOINT
+    sample_ratio: float | None = None  # requests without a caller's traceparent; default OTEL_TRACES_SAMPLER(_ARG)
+    baggage_keys: tuple[str, ...] = ()  # caller baggage entries recorded as span attributes
+
+
+@dataclass(frozen=True)
 class CallerKeys:
     """Optional shared-secret check on callers (off by default: the sidecar is on localhost).
 
@@ -242,6 +252,7 @@ class Config:
     caller_keys: CallerKeys | None = None
     reload_interval_seconds: float = 2.0
     store: RedisStore | None = None
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     source: str = "<built-in defaults>"
 
     @property
@@ -625,6 +636,30 @@ def _pricing(top: _Section) -> Mapping[str, Any] | None:
     return dict(overrides)
 
 
+BAGGAGE_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _tracing(section: _Section) -> TracingConfig:
+    enabled = section.raw("enabled")
+    if enabled is not None and not isinstance(enabled, bool):
+        raise ConfigError(f"{section.where('enabled')}: expected true or false, got {_describe(enabled)}")
+    endpoint = section.string("endpoint")
+    if endpoint is not None and not re.match(r"^https?://[^/\s]+", endpoint):
+        raise ConfigError(f"{section.where('endpoint')}: {endpoint!r} must be an http(s) URL of an OTLP/HTTP "
+                          "collector (e.g. http://otel-collector.observability:4318)")
+    ratio = section.raw("sample_ratio")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1):
+        raise ConfigError(f"{section.where('sample_ratio')}: expected a number from 0 to 1, got {_describe(ratio)}")
+    result = TracingConfig(
+        enabled=bool(enabled), endpoint=endpoint, sample_ratio=None if ratio is None else float(ratio),
+        baggage_keys=section.strings("baggage_keys", pattern=BAGGAGE_KEY_RE, hint=" (a baggage key)"),
+    )
+    if len(result.baggage_keys) > 16:
+        raise ConfigError(f"{section.where('baggage_keys')}: at most 16 keys")
+    section.finish()
+    return result
+
+
 def _caller_keys(section: _Section) -> CallerKeys:
     file = section.string("file")
     if file is None:
@@ -672,6 +707,7 @@ def parse_config(data: Any, source: str = "<memory>") -> Config:
         caller_keys=_caller_keys(top.section("caller_keys")) if top.has("caller_keys") else None,
         reload_interval_seconds=top.positive_float("reload_interval_seconds", 2.0) or 2.0,
         store=_store(top.section("store")) if top.has("store") else None,
+        tracing=_tracing(top.section("tracing")),
         source=source,
     )
     top.finish()

@@ -33,7 +33,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Protocol
 from urllib.parse import parse_qsl
 
 import websockets
@@ -54,6 +54,9 @@ from .segments import SegmentError, check_segment
 from .strict_json import DuplicateKey, loads_unique
 from .state import SidecarState, Snapshot
 from .usage import Usage, usage_from_live_message
+
+if TYPE_CHECKING:
+    from .tracing import LiveTrace, Tracer
 
 log = logging.getLogger("vertex_sidecar.live")
 
@@ -477,6 +480,7 @@ class LiveRelay:
         self.observer: LiveObserver = observer or NullLiveObserver()
         self.access_log = access_log or AccessLog()
         self.sessions: dict[str, int] = {}  # open sessions per route name
+        self.tracer: Tracer | None = None  # set when tracing is on (cli.build_sidecar)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         endpoint = live_endpoint(path)
@@ -492,6 +496,8 @@ class LiveRelay:
         record = RequestRecord.for_request(scope["headers"], method="GET", service="aiplatform",
                                            operation=LIVE_METHOD)
         session = _Session(self, snapshot, scope, receive, send, endpoint, record)
+        if self.tracer is not None:  # before Google is dialled: its handshake carries our traceparent
+            session.trace = self.tracer.live_started(record)
         try:
             if snapshot.keys is not None:
                 caller = snapshot.keys.identify_request(scope["headers"])
@@ -505,6 +511,10 @@ class LiveRelay:
         finally:
             record.finish()
             self._log(record, session)
+            if session.trace is not None:
+                ending = session.ending
+                session.trace.finish(session.stats.turns, session.stats.usage, ending.by if ending else None,
+                                     ending.code if ending else None)
 
     def _log(self, record: RequestRecord, session: "_Session") -> None:
         entry = AccessLog.entry(record)
@@ -553,6 +563,7 @@ class _Session:
         self.decision: LiveDecision | None = None
         self.last_activity = 0.0
         self.budget_crossed: str | None = None
+        self.trace: LiveTrace | None = None
 
     # ------------------------------------------------------------------ setup
     async def run(self) -> None:
@@ -745,6 +756,8 @@ class _Session:
             if data is None:
                 data = message.get("bytes") or b""
             self.last_activity = loop.time()
+            if self.trace is not None:
+                self.trace.client_message()
             stats.messages_in += 1
             record.bytes_in += len(data)
             try:
@@ -761,6 +774,8 @@ class _Session:
             except ConnectionClosed:
                 return _upstream_ending(upstream)
             self.last_activity = loop.time()
+            if self.trace is not None:
+                self.trace.server_message()
             stats.messages_out += 1
             record.bytes_out += len(data)
             if record.first_byte_s is None:
@@ -783,6 +798,8 @@ class _Session:
         stats = self.stats
         stats.turns += 1
         add_usage(stats.usage, usage)
+        if self.trace is not None:
+            self.trace.turn(usage)
         decision = self.decision
         try:
             fields = self.relay.observer.live_turn_usage(

@@ -54,6 +54,7 @@ class RequestRecord:
     request_headers: list[tuple[bytes, bytes]] | None = None
     response_content_encoding: str | None = None
     parser: ChunkParser | None = None
+    trace: Any = None  # the sidecar's span when this request is traced (tracing.Tracer)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

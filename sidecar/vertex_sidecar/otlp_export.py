@@ -1,0 +1,280 @@
+"""OTLP/HTTP protobuf export of the sidecar's spans: a bounded queue, batches, one POST at a time.
+
+Imported only when tracing is on (it needs the `tracing` extra: opentelemetry-proto).
+
+Why not the OpenTelemetry SDK: measured on this machine, an SDK span with the sidecar's
+~18 attributes costs ~20 µs to record and ~105 µs more to encode with the SDK's OTLP
+encoder, and the SDK (with its exporter) adds ~5 MB of RSS. The sidecar serves a request in
+~200 µs of CPU, so that alone would cost more than half its throughput. Here a span is a
+plain `SpanData` handed to a deque; encoding uses the opentelemetry-proto messages but
+caches the serialized form of each repeated attribute (route, model, project, host...) and
+joins the pieces — protobuf's wire format defines a message's serialization as the
+concatenation of its fields', repeated fields appended — which measured ~8 µs a span.
+
+Never blocking a request: `submit` is an append (or a counted drop when the queue is full);
+encoding runs on the event loop in slices that yield between them; one export is in flight
+at a time, bounded by the configured timeout; a failed batch is dropped and counted, not
+retried (a collector that is down must not pile spans up in the sidecar's memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import aiohttp
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
+from . import __version__
+from .trace_spans import AttributeValue, SpanData
+
+log = logging.getLogger("vertex_sidecar.tracing")
+
+ENCODE_SLICE = 64  # spans encoded between two yields to the event loop
+_MAX_CACHED = 8192  # serialized attribute fragments kept (bounded whatever the values)
+_FAILURE_LOG_INTERVAL_S = 60.0
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    endpoint: str  # the full URL, e.g. http://collector:4318/v1/traces
+    headers: Mapping[str, str]
+    timeout_s: float = 10.0
+    compression: str = "none"  # or "gzip"
+    ca_file: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+    max_queue: int = 2048
+    max_batch: int = 512
+    schedule_delay_s: float = 5.0
+
+
+def _tag(message: Any, field_name: str) -> bytes:
+    """The key of a length-delimited field (wire type 2), numbered from the message's descriptor."""
+    return _varint(message.DESCRIPTOR.fields_by_name[field_name].number << 3 | 2)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload
+
+
+_SPAN_ATTRIBUTE = _tag(Span, "attributes")
+_SCOPE_SPANS_SPAN = _tag(ScopeSpans, "spans")
+_RESOURCE_SPANS_SCOPE = _tag(ResourceSpans, "scope_spans")
+_REQUEST_RESOURCE_SPANS = _tag(ExportTraceServiceRequest, "resource_spans")
+
+
+def any_value(value: AttributeValue) -> AnyValue:
+    if isinstance(value, bool):
+        return AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    if isinstance(value, float):
+        return AnyValue(double_value=value)
+    if isinstance(value, tuple):
+        return AnyValue(array_value=ArrayValue(values=[AnyValue(string_value=str(item)) for item in value]))
+    return AnyValue(string_value=str(value))
+
+
+def key_values(attributes: Mapping[str, AttributeValue]) -> list[KeyValue]:
+    return [KeyValue(key=key, value=any_value(value)) for key, value in attributes.items()]
+
+
+class SpanEncoder:
+    """`ExportTraceServiceRequest` bytes for a batch of spans under one resource."""
+
+    def __init__(self, resource: Mapping[str, AttributeValue]) -> None:
+        resource_message = ResourceSpans(resource=Resource(attributes=key_values(resource)))
+        self._resource = resource_message.SerializeToString()
+        scope = ScopeSpans(scope=InstrumentationScope(name="vertex_sidecar", version=__version__))
+        self._scope = scope.SerializeToString()
+        self._fragments: dict[tuple[str, AttributeValue], bytes] = {}
+
+    def span(self, span: SpanData) -> bytes:
+        """One span as a `ScopeSpans.spans` field."""
+        head = Span(
+            trace_id=span.trace_id, span_id=span.span_id, parent_span_id=span.parent_span_id,
+            trace_state=span.trace_state, name=span.name, kind=span.kind,  # type: ignore[arg-type]
+            start_time_unix_nano=span.start_ns, end_time_unix_nano=span.end_ns,
+            status=Status(code=span.status, message=span.status_message),  # type: ignore[arg-type]
+            events=[Span.Event(time_unix_nano=at, name=name, attributes=key_values(attrs))
+                    for at, name, attrs in span.events],
+        ).SerializeToString()
+        fragments = self._fragments
+        parts = [head]
+        for item in span.attributes.items():
+            try:
+                fragment = fragments.get(item)
+            except TypeError:  # an unhashable value: encode it without the cache
+                fragment = None
+            if fragment is None:
+                fragment = _field(_SPAN_ATTRIBUTE, KeyValue(key=item[0], value=any_value(item[1])).SerializeToString())
+                if len(fragments) >= _MAX_CACHED:
+                    fragments.clear()
+                fragments[item] = fragment
+            parts.append(fragment)
+        return _field(_SCOPE_SPANS_SPAN, b"".join(parts))
+
+    def request(self, encoded_spans: list[bytes]) -> bytes:
+        scope_spans = self._scope + b"".join(encoded_spans)
+        return _field(_REQUEST_RESOURCE_SPANS, self._resource + _field(_RESOURCE_SPANS_SCOPE, scope_spans))
+
+
+class SpanExporter:
+    """The bounded span queue and its export task; counters for the metrics."""
+
+    def __init__(self, settings: ExportSettings, resource: Mapping[str, AttributeValue]) -> None:
+        self.settings = settings
+        self.encoder = SpanEncoder(resource)
+        self.queue: deque[SpanData] = deque()
+        self.exported = 0
+        self.dropped_queue_full = 0
+        self.dropped_export_failed = 0
+        self.exports_failed = 0
+        self._task: asyncio.Task[None] | None = None
+        self._last_export = time.monotonic()
+        self._session: aiohttp.ClientSession | None = None
+        self._ssl: ssl.SSLContext | bool | None = None
+        self._last_failure_log = -_FAILURE_LOG_INTERVAL_S
+        self._closed = False
+
+    # ------------------------------------------------------------ request path
+    def submit(self, span: SpanData) -> None:
+        queue = self.queue
+        if len(queue) >= self.settings.max_queue or self._closed:
+            self.dropped_queue_full += 1
+            return
+        queue.append(span)
+        if len(queue) >= self.settings.max_batch and self._task is None:
+            self._start_export()
+
+    def tick(self) -> None:
+        """Called a few times a second (the app's log flusher): export when the schedule says so."""
+        if self.queue and self._task is None and (
+                time.monotonic() - self._last_export >= self.settings.schedule_delay_s
+                or len(self.queue) >= self.settings.max_batch):
+            self._start_export()
+
+    def _start_export(self) -> None:
+        self._task = asyncio.ensure_future(self._export_batches())
+
+    # ------------------------------------------------------------------ export
+    async def _export_batches(self) -> None:
+        try:
+            while self.queue:
+                await self.export_once()
+                if len(self.queue) < self.settings.max_batch:
+                    break  # the rest waits for the schedule
+        except Exception:  # never let the export task die silently with spans counted nowhere
+            log.exception("trace export failed")
+        finally:
+            self._last_export = time.monotonic()
+            self._task = None
+
+    async def export_once(self) -> None:
+        queue = self.queue
+        batch = [queue.popleft() for _ in range(min(len(queue), self.settings.max_batch))]
+        if not batch:
+            return
+        encoded: list[bytes] = []
+        for start in range(0, len(batch), ENCODE_SLICE):
+            encoded.extend(self.encoder.span(span) for span in batch[start:start + ENCODE_SLICE])
+            if start + ENCODE_SLICE < len(batch):
+                await asyncio.sleep(0)  # let requests run between slices
+        rejected = await self._post(self.encoder.request(encoded))
+        if rejected is None:
+            self.dropped_export_failed += len(batch)
+        else:
+            self.exported += len(batch) - rejected
+            self.dropped_export_failed += rejected
+
+    async def _post(self, body: bytes) -> int | None:
+        """POST one request; the number of spans the collector rejected, or None on failure."""
+        settings = self.settings
+        headers = {"Content-Type": "application/x-protobuf", **settings.headers}
+        if settings.compression == "gzip":
+            body = gzip.compress(body, compresslevel=1)
+            headers["Content-Encoding"] = "gzip"
+        try:
+            session = self._session
+            if session is None:
+                session = self._session = aiohttp.ClientSession(auto_decompress=True)
+            async with session.post(settings.endpoint, data=body, headers=headers, ssl=self._ssl_context(),
+                                    timeout=aiohttp.ClientTimeout(total=settings.timeout_s)) as response:
+                payload = await response.read()
+                if not 200 <= response.status < 300:
+                    self._failed(f"the collector answered HTTP {response.status}")
+                    return None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ssl.SSLError) as exc:
+            self._failed(f"{type(exc).__name__}: {exc}")
+            return None
+        return _rejected_spans(payload)
+
+    def _ssl_context(self) -> ssl.SSLContext | bool | None:
+        if self._ssl is None:
+            settings = self.settings
+            if settings.ca_file or settings.client_cert_file:
+                context = ssl.create_default_context(cafile=settings.ca_file)
+                if settings.client_cert_file:
+                    context.load_cert_chain(settings.client_cert_file, settings.client_key_file)
+                self._ssl = context
+            else:
+                self._ssl = True  # the system's trust store
+        return self._ssl
+
+    def _failed(self, why: str) -> None:
+        self.exports_failed += 1
+        now = time.monotonic()
+        if now - self._last_failure_log >= _FAILURE_LOG_INTERVAL_S:
+            self._last_failure_log = now
+            log.warning("trace export to %s failed (%s); spans are dropped and counted in "
+                        "vertex_sidecar_trace_spans_dropped_total", self.settings.endpoint, why)
+
+    async def aclose(self, timeout_s: float = 2.0) -> None:
+        """Export what is queued (bounded in time), then close the HTTP session."""
+        self._closed = True
+        try:
+            if self._task is not None:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            deadline = time.monotonic() + timeout_s
+            while self.queue and time.monotonic() < deadline:
+                await asyncio.wait_for(self.export_once(), max(deadline - time.monotonic(), 0.01))
+        except (asyncio.TimeoutError, Exception):
+            pass
+        self.dropped_export_failed += len(self.queue)
+        self.queue.clear()
+        if self._session is not None:
+            await self._session.close()
+
+
+def _rejected_spans(payload: bytes) -> int:
+    if not payload:
+        return 0
+    try:
+        return int(ExportTraceServiceResponse.FromString(payload).partial_success.rejected_spans)
+    except Exception:  # a collector that answers 200 with something else: count the batch as taken
+        return 0
