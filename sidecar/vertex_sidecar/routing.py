@@ -117,6 +117,8 @@ def resolve(path: str, *, service: Service, defaults: Defaults, upstreams: Upstr
     if not segments:
         raise RoutingError("the path names no resource after the API version")
     completed = False
+    if service == "aiplatform" and is_publisher_model_binding(segments):
+        return _publisher_model_target(segments, api_version or defaults.api_version or "v1", defaults, upstreams)
     if segments[0] == "projects":
         project, location, rest = _split_project_path(segments)
         if service == "discovery" and location is not None and location not in ("global",) + MULTI_REGIONS:
@@ -144,6 +146,35 @@ def resolve(path: str, *, service: Service, defaults: Defaults, upstreams: Upstr
         method=method,
         completed_from_defaults=completed,
     )
+
+
+def is_publisher_model_binding(segments: list[str]) -> bool:
+    """``publishers/P/models/M`` (GetPublisherModel) or ``publishers/P/models`` (ListPublisherModels):
+    Google serves these without a project (the Vertex SDK's `from_pretrained`, google-genai's
+    `models.get`), so they are forwarded as they are, not completed to a project path."""
+    return (len(segments) in (3, 4) and segments[0] == "publishers" and segments[2] == "models"
+            and (len(segments) == 3 or ":" not in segments[3]))
+
+
+def _publisher_model_target(segments: list[str], api_version: str, defaults: Defaults,
+                            upstreams: Upstreams) -> Target:
+    """The host comes from the default location; project and location are recorded (and matched
+    by the routes) as the defaults', though the path names neither."""
+    if not defaults.location:
+        raise RoutingError(
+            f"the path {'/'.join(segments)!r} names no location and the sidecar has no default to pick the "
+            "host: set defaults.location in the sidecar config", missing_defaults=True)
+    location = defaults.location
+    origin = origin_for(upstream_template("aiplatform", location, upstreams), location)
+    publisher, model, method = describe_resource(segments)
+    if model is None:  # the listing: "publishers/P/models"
+        publisher = segments[1]
+    for kind, name in (("publisher", publisher), ("model", model)):
+        if name is not None and "%" in name:
+            raise RoutingError(f"the {kind} name {_shorten(name)!r} holds a percent-escape; send the plain name")
+    return Target(service="aiplatform", origin=origin, path=f"/{api_version}/" + "/".join(segments),
+                  api_version=api_version, project=defaults.project, location=location, publisher=publisher,
+                  model=model, method=method, completed_from_defaults=True)
 
 
 def canonical_segments(path: str) -> list[str]:

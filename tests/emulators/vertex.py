@@ -6,6 +6,7 @@ Paths (`v1` and `v1beta1`, `projects/{p}/locations/{l}/...`):
 - `publishers/anthropic/models/{m}:rawPredict | streamRawPredict` → anthropic
 - `endpoints/openapi/chat/completions`                     → openai_compat
 - `[.../]operations/{id}` (GET)                            → a finished operation
+- `/{v}/publishers/{p}/models/{m}` (GET, no project), v1beta1 list → publisher_models
 - Discovery Engine `.../servingConfigs/{s}:search`         → discovery
 - `/_emulator/...` test endpoints                          → emulator_paths
 - anything else                                            → 404 NOT_FOUND, Google's shape
@@ -40,6 +41,7 @@ from .google_json import json_response
 from .google_models import handle_google_model
 from .model_call import ModelCall, error_response
 from .openai_compat import handle_chat_completions
+from .publisher_models import publisher_model_routes
 from .streams import quiet_emulated_failures
 from .tokens import TokenRegistry
 from .upstream import RequestLog, UpstreamPrefix
@@ -138,6 +140,7 @@ def create_vertex_app(registry: TokenRegistry | None) -> Starlette:
             handle_search,
             methods=["POST"],
         ),
+        *publisher_model_routes(),
         *emulator_routes(),
         *live_routes(),
         # Last: a full match here beats a method mismatch above, so wrong methods get Google's 404.

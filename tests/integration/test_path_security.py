@@ -200,3 +200,50 @@ async def test_live_aliases_apply_to_full_names_and_bad_query_parameters_are_ref
             code, reason = await closed_with(ws)
         assert code == 1007 and words in reason, reason
     assert len(live_knobs(emulator).sessions) == 1
+
+
+# ------------------------------------------------------------------- GetPublisherModel
+
+
+def test_publisher_model_get_is_forwarded_unscoped_with_the_route_policy(
+        start: StartSidecar, emulator: ServerHandle) -> None:
+    from google import genai
+    from google.genai import errors, types
+    from google.oauth2.credentials import Credentials
+
+    sidecar = start({"defaults": {"project": "emu-project", "location": "us-central1"},
+                     "routes": [{"name": "flash", "match": {"projects": ["emu-project"], "models": ["gemini-2.5-flash*"]},
+                                 "defaults": {"location": "europe-west4"}}]})
+    client = genai.Client(vertexai=True, project="emu-project", location="us-central1",
+                          credentials=Credentials(token="placeholder-app-token"),
+                          http_options=types.HttpOptions(base_url=sidecar.base_url))
+    model = client.models.get(model="gemini-2.5-flash")  # GET v1beta1/publishers/google/models/M
+    assert model.name == "publishers/google/models/gemini-2.5-flash" and model.version == "default"
+    seen = upstream_calls(emulator)[-1]
+    assert (seen["method"], seen["path"]) == ("GET", "/v1beta1/publishers/google/models/gemini-2.5-flash")
+    assert seen["upstream_host"] == "europe-west4-aiplatform.googleapis.com"  # the route's default location
+    assert seen["headers"]["authorization"].startswith("Bearer ya29.")
+
+    # v1, as the Vertex SDK's from_pretrained calls it, with a version suffix.
+    raw = httpx.get(f"{sidecar.base_url}/v1/publishers/google/models/gemini-2.5-flash@001")
+    assert raw.status_code == 200 and raw.json()["versionId"] == "001"
+    assert upstream_calls(emulator)[-1]["path"] == "/v1/publishers/google/models/gemini-2.5-flash@001"
+
+    # The routes still apply to the model name, and to the listing (which names no model).
+    before = len(emulator.app.state.requests)
+    with pytest.raises(errors.ClientError) as info:
+        client.models.get(model="gemini-2.5-pro")
+    assert info.value.code == 403
+    assert httpx.get(f"{sidecar.base_url}/v1beta1/publishers/google/models").status_code == 403
+    assert httpx.get(f"{sidecar.base_url}/v1/publishers/google/models/gemini-2.5-fl%61sh").status_code == 200
+    assert len(emulator.app.state.requests) == before + 1
+
+
+def test_publisher_model_listing_with_an_allow_all_route(sidecar: SidecarProcess, emulator: ServerHandle) -> None:
+    listing = httpx.get(f"{sidecar.base_url}/v1beta1/publishers/google/models")
+    assert listing.status_code == 200, listing.text
+    names = [m["name"] for m in listing.json()["publisherModels"]]
+    assert "publishers/google/models/gemini-2.5-flash" in names
+    embedding = httpx.get(f"{sidecar.base_url}/v1/publishers/google/models/text-embedding-005").json()
+    assert embedding["predictSchemata"]["instanceSchemaUri"].endswith("/text_embedding_1.0.0.yaml")
+    assert upstream_calls(emulator)[-1]["upstream_host"] == "us-central1-aiplatform.googleapis.com"

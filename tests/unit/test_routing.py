@@ -190,3 +190,30 @@ def test_discovery_engine_only_serves_global_and_multi_regions() -> None:
     with pytest.raises(RoutingError, match="global, us and eu"):
         url_of("v1/projects/p1/locations/europe-west4/collections/default_collection/engines/e/servingConfigs/"
                "default_search:search", "discovery")
+
+
+@pytest.mark.parametrize(("path", "forwarded", "model"), [
+    ("v1/publishers/google/models/gemini-2.5-flash", "/v1/publishers/google/models/gemini-2.5-flash",
+     "gemini-2.5-flash"),
+    ("v1beta1/publishers/google/models/gemini-2.5-flash@001", "/v1beta1/publishers/google/models/gemini-2.5-flash@001",
+     "gemini-2.5-flash@001"),
+    ("v1beta1/publishers/google/models", "/v1beta1/publishers/google/models", None),
+    ("publishers/anthropic/models/claude-sonnet-4", "/v1/publishers/anthropic/models/claude-sonnet-4",
+     "claude-sonnet-4"),
+])
+def test_publisher_model_bindings_are_forwarded_without_a_project(path: str, forwarded: str,
+                                                                   model: str | None) -> None:
+    target = resolve(path, service="aiplatform", defaults=DEFAULTS, upstreams=UP)
+    assert target.path == forwarded and target.model == model
+    assert target.origin.host == "europe-west4-aiplatform.googleapis.com"  # from the default location
+    assert (target.project, target.location) == ("dflt-proj", "europe-west4")  # what the routes match
+
+
+def test_publisher_model_binding_needs_a_default_location_for_its_host() -> None:
+    with pytest.raises(RoutingError) as info:
+        resolve("v1/publishers/google/models/m", service="aiplatform", defaults=Defaults(), upstreams=UP)
+    assert info.value.missing_defaults and "defaults.location" in info.value.message
+    # Calls with a method are still completed to the project path Google serves them on.
+    target = resolve("v1/publishers/google/models/m:generateContent", service="aiplatform", defaults=DEFAULTS,
+                     upstreams=UP)
+    assert target.path.startswith("/v1/projects/dflt-proj/locations/europe-west4/")
