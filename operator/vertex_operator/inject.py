@@ -153,6 +153,9 @@ def sidecar_container(plan: SidecarPlan) -> dict[str, Any]:
         "name": CONTAINER_NAME,
         "image": plan.image,
         "command": ["vertex-sidecar", "--config", render.CONFIG_PATH],
+        # The admin port listens on the pod IP only (where kubelet probes and Prometheus
+        # connect), not on every interface of the pod.
+        "env": [{"name": "VERTEX_SIDECAR_ADMIN_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
         "ports": ports,
         "resources": {k: dict(v) for k, v in plan.resources.items()},
         "securityContext": {

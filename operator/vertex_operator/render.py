@@ -121,7 +121,8 @@ def render_config(route: Route, credential: Credential) -> dict[str, Any]:
     name = credential_key(credential)
     config: dict[str, Any] = {
         "listen": f"127.0.0.1:{route.sidecar.port}",
-        "admin_listen": f"0.0.0.0:{route.sidecar.admin_port}",
+        # The injected container's VERTEX_SIDECAR_ADMIN_HOST (the pod IP) replaces the host.
+        "admin_listen": f"127.0.0.1:{route.sidecar.admin_port}",
     }
     config.update(tls_settings(route))
     if route.upstreams:

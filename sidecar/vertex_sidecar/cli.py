@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import uvicorn
 
@@ -202,6 +203,24 @@ def _address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+ADMIN_HOST_ENV_VAR = "VERTEX_SIDECAR_ADMIN_HOST"
+
+
+def admin_listen_from_env(configured: ListenAddress, env: Mapping[str, str]) -> ListenAddress:
+    """`VERTEX_SIDECAR_ADMIN_HOST` (an IP address; the pod IP from the downward API) replaces
+    the admin listener's host and keeps its port, so the admin port is reachable on the pod
+    IP only, never on every interface."""
+    host = env.get(ADMIN_HOST_ENV_VAR, "").strip()
+    if not host:
+        return configured
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{ADMIN_HOST_ENV_VAR}: {host!r} is not an IP address (it is meant to be "
+                          "the pod IP, from the downward API's status.podIP)") from None
+    return ListenAddress(host, configured.port)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="vertex-sidecar",
@@ -236,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         overrides: dict[str, Any] = {}
+        admin_listen = admin_listen_from_env(config.admin_listen, os.environ)
+        if admin_listen != config.admin_listen:
+            overrides["admin_listen"] = admin_listen
         if args.listen:
             overrides["listen"] = parse_listen(args.listen, "--listen")
         if args.admin_listen:

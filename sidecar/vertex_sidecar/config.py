@@ -234,7 +234,9 @@ class CallerKeys:
 @dataclass(frozen=True)
 class Config:
     listen: ListenAddress = ListenAddress("127.0.0.1", 4000)
-    admin_listen: ListenAddress = ListenAddress("0.0.0.0", 9464)
+    # Loopback unless told otherwise: in a pod the webhook sets VERTEX_SIDECAR_ADMIN_HOST to
+    # the pod IP (kubelet probes and Prometheus connect there), see cli.admin_listen_from_env.
+    admin_listen: ListenAddress = ListenAddress("127.0.0.1", 9464)
     tls_listen: ListenAddress | None = None
     upstreams: Upstreams = field(default_factory=Upstreams)
     defaults: Defaults = field(default_factory=lambda: Defaults(api_version="v1"))

@@ -59,6 +59,7 @@ def test_native_sidecar_full_pod() -> None:
         "name": "vertex-sidecar",
         "image": IMAGE,
         "command": ["vertex-sidecar", "--config", "/etc/vertex-sidecar/config.yaml"],
+        "env": [{"name": "VERTEX_SIDECAR_ADMIN_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
         "ports": [{"name": "vertex-admin", "containerPort": 9464, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
         "securityContext": {
@@ -97,7 +98,8 @@ def test_regular_container_when_not_native() -> None:
     assert [c["name"] for c in pod["spec"]["containers"]] == ["app", "vertex-sidecar"]
     assert "restartPolicy" not in pod["spec"]["containers"][1]
     assert env_of(pod["spec"]["containers"][0])["GOOGLE_GENAI_USE_VERTEXAI"] == "true"
-    assert "env" not in pod["spec"]["containers"][1]  # the sidecar itself gets no app env
+    # The sidecar itself gets no app env, only its admin host (the pod IP).
+    assert [e["name"] for e in pod["spec"]["containers"][1]["env"]] == ["VERTEX_SIDECAR_ADMIN_HOST"]
 
 
 @pytest.mark.parametrize(("setting", "version", "native"), [

@@ -24,7 +24,7 @@ def test_minimal_route() -> None:
     result = rendered()
     assert result.config == {
         "listen": "127.0.0.1:4000",
-        "admin_listen": "0.0.0.0:9464",
+        "admin_listen": "127.0.0.1:9464",
         "defaults": {"project": "my-project", "location": "europe-west4", "api_version": "v1"},
         "credentials": {"vertex": {"type": "adc"}},
         "routes": [{

@@ -46,7 +46,7 @@ def test_design_example_loads() -> None:
 def test_no_file_means_allow_all_with_adc() -> None:
     config = load_config(None)
     assert config.allow_all and config.credentials["default"].type == "adc"
-    assert str(config.listen) == "127.0.0.1:4000" and str(config.admin_listen) == "0.0.0.0:9464"
+    assert str(config.listen) == "127.0.0.1:4000" and str(config.admin_listen) == "127.0.0.1:9464"
 
 
 @pytest.mark.parametrize(("text", "message"), [
