@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping, Protocol
 from urllib.parse import parse_qsl
 
 import websockets
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect as websocket_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.frames import EXTERNAL_CLOSE_CODES
 
@@ -405,6 +405,15 @@ def relayable_close(code: int | None, reason: str) -> tuple[int, str]:
     return GOING_AWAY, close_reason(reason)
 
 
+class _NoRedirects(websocket_connect):
+    """`websockets.connect` that never follows a redirect: it would resend the handshake's
+    headers — the sidecar's Bearer token on a same-origin one — to wherever it points. The
+    redirect surfaces as InvalidStatus, answered to the caller like any refused handshake."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
 def handshake_refusal(status: int, body: bytes, host: str) -> LiveRefused:
     """Google refused the WebSocket handshake with an HTTP status: tell the caller why."""
     message, google_status = "", ""
@@ -417,6 +426,8 @@ def handshake_refusal(status: int, body: bytes, host: str) -> LiveRefused:
     what = f"HTTP {status}{' ' + google_status if google_status else ''}"
     if status == 401:
         reason = f"Google refused the sidecar's credentials ({what}); check the pod's Workload Identity binding"
+    elif 300 <= status < 400:
+        reason = f"Vertex AI answered the Live handshake with a redirect ({what}); the sidecar never follows redirects"
     else:
         reason = f"Vertex AI refused the Live connection: {what}: {message}"
     return LiveRefused(code, reason, status=status, error="UPSTREAM_REFUSED",
@@ -693,7 +704,7 @@ class _Session:
             extra_drop=_HANDSHAKE_HEADERS | {keys.header} if keys is not None else _HANDSHAKE_HEADERS)
         user_agent = header_value(self.scope["headers"], b"user-agent")
         try:
-            return await websockets.connect(
+            return await _NoRedirects(
                 decision.url,
                 additional_headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
                 user_agent_header=(user_agent.decode("latin-1") if user_agent

@@ -6,7 +6,8 @@ Wire behaviour, as google-genai and the Vertex docs show it:
 
 - Handshake: a bearer token checked like REST; a missing, unknown or expired token gets
   the HTTP 401 (Google's JSON error) instead of the upgrade. Knob `refuse_next` (HTTP
-  statuses) refuses the next handshakes the same way (403 → permission denied, 404, ...).
+  statuses) refuses the next handshakes the same way (403 → permission denied, 404, ...);
+  `redirect_next` (URLs) answers the next handshakes with a 302 to that Location.
 - The first message must be ``{"setup": {"model": "projects/P/locations/L/publishers/
   google/models/M", ...}}``: a wrong shape closes 1007, an unknown model, a denied
   project or a location other than the host's closes 1008, each with Google's wording.
@@ -83,6 +84,7 @@ class LiveSessionRecord:
 @dataclass
 class LiveKnobs:
     refuse_next: collections.deque[int] = field(default_factory=collections.deque)
+    redirect_next: collections.deque[str] = field(default_factory=collections.deque)
     chunks: int = 3
     chunk_delay_s: float = 0.0
     text_frames: bool = False
@@ -330,6 +332,9 @@ async def _live(websocket: WebSocket) -> None:
     knobs.sessions.append(record)
     if version not in LIVE_VERSIONS:
         await _deny(websocket, 404, google_errors.not_found())
+        return
+    if knobs.redirect_next:
+        await websocket.send_denial_response(Response(b"", 302, headers={"location": knobs.redirect_next.popleft()}))
         return
     failure = _auth_failure(websocket)
     if failure is None and knobs.refuse_next:

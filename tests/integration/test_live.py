@@ -23,6 +23,7 @@ from google.oauth2.credentials import Credentials
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from tests.emulators.faulty import running_faulty_server
 from tests.emulators.live import LiveKnobs, LiveSessionRecord, create_live_app
 from tests.emulators.serve import ServerHandle, create_combined_app, running_server
 from tests.harness.sidecar_process import SidecarProcess
@@ -266,6 +267,23 @@ async def test_refusals_close_with_a_code_and_reason(start: StartSidecar, emulat
         async with websockets.connect(sidecar.url.replace("http", "ws") + "/vertex_ai/nope"):
             pass
     assert info.value.response.status_code == 404 and b"/vertex_ai/live" in (info.value.response.body or b"")
+
+
+async def test_a_redirected_handshake_is_never_followed(start: StartSidecar, emulator: ServerHandle) -> None:
+    """Following a redirect would send the sidecar's Bearer token (same origin) or the call
+    (anywhere) where Google did not serve it: the caller is told, nothing is sent."""
+    sidecar = start({"defaults": DEFAULTS, "routes": [{"name": "live", "match": {"models": ["gemini-live-*"]}}]})
+    same_origin = emulator.url.replace("http", "ws", 1) + "/ws/google.cloud.aiplatform.v1.LlmBidiService/BidiGenerateContent"
+    with running_faulty_server() as elsewhere:
+        for location in (f"ws://127.0.0.1:{elsewhere.port}/collect", same_origin):
+            knobs(emulator).redirect_next.append(location)
+            async with websockets.connect(ws_url(sidecar)) as ws:
+                await ws.send(json.dumps(TEXT_SETUP))
+                close_code, reason = await closed_with(ws)
+            assert close_code == 1014 and "HTTP 302" in reason and "redirect" in reason, (close_code, reason)
+        assert elsewhere.stats.connections == 0, "the redirect was followed to another server"
+    # The emulator saw the two redirected handshakes and no third one: nothing came back.
+    assert len(sessions(emulator)) == 2, "the redirect was followed back to the emulator"
 
 
 async def test_caller_key_checked_at_the_handshake_and_never_forwarded(
