@@ -140,7 +140,8 @@ class Controller:
 
     @property
     def reconcile_options(self) -> reconcile.Options:
-        return reconcile.Options(default_image=self.options.sidecar_image, server_version=self.server_version)
+        return reconcile.Options(default_image=self.options.sidecar_image, server_version=self.server_version,
+                                 policy=self.options.policy)
 
     # ---------------------------------------------------------------- reconciling
 

@@ -31,6 +31,7 @@ commands with their own rights), so only the namespace check applies to it.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -47,6 +48,12 @@ _PRINCIPAL_RE = re.compile(
     r"^principal://iam\.googleapis\.com/(?P<pool>projects/(?P<number>[0-9]+)/locations/global/"
     r"workloadIdentityPools/(?P<id>[-a-z0-9.]+))/subject/.+$")
 _GKE_MEMBER_RE = re.compile(r"^serviceAccount:(?P<pool>[^\[\]]+)\[[^\]]+\]$")
+_HOST_GLOB_RE = re.compile(r"^[a-z0-9*?.-]+$")
+# What an upstream override may look like at all: scheme, host (with the sidecar's
+# {location} placeholder), optional port and path; no user info, spaces or backslashes.
+_UPSTREAM_RE = re.compile(r"^(?P<scheme>https?)://(?P<host>[A-Za-z0-9.{}-]+|\[[0-9a-fA-F:]+\])(?::[0-9]{1,5})?"
+                          r"(?:/[^\s\\?#@]*)?$")
+GOOGLE_SUFFIX = ".googleapis.com"
 
 
 class PolicyError(ValueError):
@@ -66,12 +73,22 @@ class NamespaceAllowance:
 
 
 @dataclass(frozen=True)
+class RouteBounds:
+    """Where a VertexRoute may send its credential's tokens, and which images may carry them."""
+
+    upstream_hosts: tuple[str, ...] = ()  # https hosts (globs) besides *.googleapis.com: PSC endpoints
+    allow_loopback: bool = False  # http(s) to 127.0.0.1/localhost/[::1]: development only
+    sidecar_images: tuple[str, ...] = ()  # image prefixes; empty: the default image's repository
+
+
+@dataclass(frozen=True)
 class Policy:
     allowed_roles: tuple[str, ...] = (DEFAULT_ROLE,)
     workload_identity_project: str | None = None
     workload_identity_number: str | None = None
     federation_pools: tuple[str, ...] = ()
     namespaces: tuple[NamespaceAllowance, ...] = ()
+    routes: RouteBounds = field(default_factory=RouteBounds)
 
     def projects_for(self, namespace: str) -> tuple[str, ...]:
         return tuple(p for a in self.namespaces if a.covers(namespace) for p in a.projects)
@@ -102,7 +119,7 @@ def parse_policy(data: Any) -> Policy:
         return Policy()
     if not isinstance(data, Mapping):
         raise PolicyError("the policy must be a mapping")
-    unknown = sorted(set(data) - {"allowedRoles", "workloadIdentity", "federationPools", "namespaces"})
+    unknown = sorted(set(data) - {"allowedRoles", "workloadIdentity", "federationPools", "namespaces", "routes"})
     if unknown:
         raise PolicyError(f"unknown key(s) {', '.join(unknown)}")
     roles = _strings(data, "allowedRoles", "") if data.get("allowedRoles") is not None else (DEFAULT_ROLE,)
@@ -132,7 +149,22 @@ def parse_policy(data: Any) -> Policy:
         allowances.append(NamespaceAllowance(names, _strings(item, "projects", path),
                                              _strings(item, "serviceAccounts", path)))
     return Policy(allowed_roles=roles, workload_identity_project=project, workload_identity_number=number,
-                  federation_pools=pools, namespaces=tuple(allowances))
+                  federation_pools=pools, namespaces=tuple(allowances), routes=_route_bounds(data.get("routes")))
+
+
+def _route_bounds(data: Any) -> RouteBounds:
+    if data is None:
+        return RouteBounds()
+    if not isinstance(data, Mapping) or set(data) - {"upstreamHosts", "allowLoopbackUpstreams", "sidecarImages"}:
+        raise PolicyError("routes: expected a mapping with upstreamHosts, allowLoopbackUpstreams, sidecarImages")
+    loopback = data.get("allowLoopbackUpstreams", False)
+    if not isinstance(loopback, bool):
+        raise PolicyError("routes.allowLoopbackUpstreams: expected true or false")
+    hosts = _strings(data, "upstreamHosts", "routes.")
+    for host in hosts:
+        if not _HOST_GLOB_RE.match(host):
+            raise PolicyError(f"routes.upstreamHosts: {host!r} is not a host name (or glob)")
+    return RouteBounds(hosts, loopback, _strings(data, "sidecarImages", "routes."))
 
 
 def load_policy(path: str | None) -> Policy:
@@ -156,14 +188,16 @@ class Refusal:
     """Why the policy refuses a credential: one line per problem."""
 
     problems: tuple[str, ...] = field(default_factory=tuple)
+    subject: str = "credential"  # or "route"
 
     def __bool__(self) -> bool:
         return bool(self.problems)
 
     @property
     def message(self) -> str:
-        return ("Refused by the operator's policy (" + VALUES_HINT + "): " + "; ".join(self.problems)
-                + ". Nothing was granted.")
+        outcome = ("Nothing was granted." if self.subject == "credential" else
+                   "Nothing is rendered or injected with it; the previous config (if any) stays in place.")
+        return "Refused by the operator's policy (" + VALUES_HINT + "): " + "; ".join(self.problems) + ". " + outcome
 
 
 def _pinned_pool(policy: Policy) -> str | None:
@@ -239,3 +273,71 @@ def grant_refusal(policy: Policy, credential: Any, grants: Iterable[Grant]) -> R
         if problem := _member_problem(policy, ns, grant.member):
             problems.append(problem)
     return Refusal(tuple(dict.fromkeys(problems)))  # each problem once, in order
+
+
+# ------------------------------------------------------------------ routes
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def upstream_problem(bounds: RouteBounds, key: str, url: str) -> str | None:
+    """Why `spec.upstreams.<key>` may not receive the credential's tokens, or None."""
+    where = f"spec.upstreams.{key}: {url}"
+    found = _UPSTREAM_RE.match(url)
+    if found is None:
+        return f"{where} is not a plain http(s) URL (no user info, query or fragment)"
+    # "location0" stands in for the placeholder: it cannot end a host in ".googleapis.com",
+    # so that suffix must be literal.
+    host = found["host"].lower().replace("{location}", "location0")
+    if "{" in host or "}" in host:
+        return f"{where}: only the {{location}} placeholder is allowed in the host"
+    if _loopback(host):
+        if bounds.allow_loopback:
+            return None
+        return f"{where} is a loopback address (only allowed with policy.routes.allowLoopbackUpstreams, for development)"
+    if found["scheme"] != "https":
+        return f"{where} is not https (the sidecar would send Google tokens in the clear)"
+    if host.endswith(GOOGLE_SUFFIX) or _matches(host, bounds.upstream_hosts):
+        return None
+    return (f"{where} is not on *{GOOGLE_SUFFIX} nor an endpoint the platform allows "
+            f"(policy.routes.upstreamHosts: {', '.join(bounds.upstream_hosts) or 'none'})")
+
+
+def image_repository(image: str) -> str:
+    """registry/path/name of an image reference, without tag or digest."""
+    name = image.split("@", 1)[0]
+    head, _, tail = name.rpartition(":")
+    return head if head and "/" not in tail else name
+
+
+def image_allowed(prefixes: Iterable[str], image: str) -> bool:
+    """Whether `image` is under one of `prefixes`. A prefix that ends inside a name (no
+    trailing '/', ':' or '@') is a whole repository: `repo/sidecar` allows `repo/sidecar:1`
+    and `repo/sidecar@sha256:...`, never `repo/sidecar-evil`."""
+    for prefix in prefixes:
+        if prefix.endswith(("/", ":", "@")):
+            if image.startswith(prefix):
+                return True
+        elif image == prefix or image.startswith((prefix + ":", prefix + "@")):
+            return True
+    return False
+
+
+def route_refusal(policy: Policy, route: Any, default_image: str) -> Refusal:
+    """A VertexRoute's upstream overrides and sidecar image, checked against the bounds."""
+    bounds = policy.routes
+    problems = [p for key, url in sorted(route.upstreams.items()) if (p := upstream_problem(bounds, key, url))]
+    image = route.sidecar.image
+    if image:
+        prefixes = bounds.sidecar_images or (image_repository(default_image),)
+        if not image_allowed(prefixes, image):
+            problems.append(f"spec.sidecar.image: {image} is not from an allowed registry or repository "
+                            f"({', '.join(prefixes)}; policy.routes.sidecarImages)")
+    return Refusal(tuple(problems), subject="route")

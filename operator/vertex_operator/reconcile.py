@@ -27,6 +27,7 @@ from vertex_operator.crd import (
     CONFIG_HASH_ANNOTATION, REMOVED_HASH, ROUTE_ANNOTATION, Credential, Route, SpecError,
     parse_credential, parse_route,
 )
+from vertex_operator.policy import Policy, route_refusal
 from vertex_operator.selection import LabelSelector, Workload, precedence, selecting
 
 MAX_LISTED = 50  # workloads listed by name in a route's status
@@ -90,6 +91,7 @@ class Options:
     default_image: str
     server_version: tuple[int, int] | None = None
     namespace_excluded: bool = False  # a namespace the webhook never injects (system, the operator's own)
+    policy: Policy = field(default_factory=Policy)  # the platform team's bounds (upstreams, images)
 
 
 @dataclass
@@ -137,6 +139,9 @@ def evaluate(record: RouteRecord, credentials: Iterable[CredentialRecord], optio
         message = (f"VertexCredential {route.credential_name!r} is invalid: {found.error}. "
                    "Fix its spec; selected pods get no sidecar until then.")
         state.blocked = state.config_error = ("InvalidCredential", message)
+        return state
+    if refusal := route_refusal(options.policy, route, options.default_image):
+        state.blocked = state.config_error = ("NotAllowed", refusal.message)
         return state
     state.credential = found.credential
     state.plan = inject.plan_sidecar(route, found.credential, default_image=options.default_image,

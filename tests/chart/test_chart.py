@@ -555,6 +555,7 @@ def test_policy_values_reach_the_operator(tmp_path: Path) -> None:
             - namespaces: [team-a]
               projects: [team-a-*]
               serviceAccounts: ["*@team-a-vertex.iam.gserviceaccount.com"]
+          routes: {upstreamHosts: [vertex.psc.example.internal], sidecarImages: [reg.example/vertex/]}
         """))
     docs = render((values,))
     container = _operator_container(docs)
@@ -563,6 +564,8 @@ def test_policy_values_reach_the_operator(tmp_path: Path) -> None:
     assert (policy.workload_identity_project, policy.workload_identity_number) == ("my-gke", "123456789012")
     assert policy.projects_for("team-a") == ("team-a-*",) and policy.projects_for("team-b") == ()
     assert policy.federation_pools == ("projects/42/locations/global/workloadIdentityPools/k8s",)
+    assert policy.routes.upstream_hosts == ("vertex.psc.example.internal",) and not policy.routes.allow_loopback
+    assert policy.routes.sidecar_images == ("reg.example/vertex/",)
     # A changed policy rolls the operator (it reads the file at start).
     default = one(render(), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/policy"]
     assert one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/policy"] != default

@@ -18,4 +18,5 @@ TEST_POLICY: Policy = parse_policy({
         "projects": ["my-gke", "my-vertex", "other-vertex", "my-project"],
         "serviceAccounts": ["*@my-vertex.iam.gserviceaccount.com", "*@my-gke.iam.gserviceaccount.com"],
     }],
+    "routes": {"sidecarImages": ["registry.test/"]},
 })

@@ -99,3 +99,41 @@ def test_cli_loads_the_file_and_refuses_a_bad_one(tmp_path: pathlib.Path, capsys
     with pytest.raises(SystemExit):
         cli.main(["--no-webhook", "--policy-file", str(tmp_path / "absent.yaml")])
     assert "cannot read the policy file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url, allowed", [
+    ("https://{location}-aiplatform.googleapis.com", True),
+    ("https://aiplatform.googleapis.com/", True),
+    ("https://{location}-aiplatform-psc1.p.googleapis.com:443", True),
+    ("https://vertex.psc.example.internal", True),  # listed in upstreamHosts
+    ("http://aiplatform.googleapis.com", False),
+    ("https://googleapis.com.evil.example", False),
+    ("https://x.googleapis.com{location}", False),  # the suffix must be literal
+    ("https://evil.example#.googleapis.com", False),
+    ("https://evil.example\\@x.googleapis.com", False),
+    ("https://user@x.googleapis.com", False),
+    ("https://x.googleapis.com?u=1", False),
+    ("https://{project}.googleapis.com", False),
+    ("http://127.0.0.1:8080", False),  # loopback needs the development flag
+    ("https://[::1]:8443", False),
+])
+def test_upstreams_must_be_google_over_https(url: str, allowed: bool) -> None:
+    from vertex_operator.policy import RouteBounds, upstream_problem
+
+    bounds = RouteBounds(upstream_hosts=("vertex.psc.example.internal",))
+    assert (upstream_problem(bounds, "aiplatform", url) is None) is allowed
+    assert upstream_problem(RouteBounds(allow_loopback=True), "discovery", "http://127.0.0.1:8080") is None
+
+
+def test_sidecar_images_are_matched_by_repository_or_prefix() -> None:
+    from vertex_operator.policy import image_allowed, image_repository
+
+    assert image_repository("reg.example:5000/vertex/sidecar:1.0") == "reg.example:5000/vertex/sidecar"
+    assert image_repository("reg.example/vertex/sidecar@sha256:ab") == "reg.example/vertex/sidecar"
+    repo = ("reg.example/vertex/sidecar",)
+    assert image_allowed(repo, "reg.example/vertex/sidecar:2") and image_allowed(repo, "reg.example/vertex/sidecar@sha256:ab")
+    assert not image_allowed(repo, "reg.example/vertex/sidecar-evil:1")
+    assert image_allowed(("reg.example/vertex/",), "reg.example/vertex/other:1")
+    assert not image_allowed(("reg.example/vertex/",), "reg.example/vertexx/other:1")
+    with pytest.raises(PolicyError, match="routes.allowLoopbackUpstreams"):
+        parse_policy({"routes": {"allowLoopbackUpstreams": "yes"}})

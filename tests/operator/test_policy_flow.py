@@ -113,3 +113,50 @@ async def test_manual_backend_is_not_bounded_but_system_namespaces_are(
         return ready
     await eventually(refused)
     assert await cluster.get("ServiceAccount", "kube-system", "vertex") is None
+
+
+# ---------------------------------------------------------------- routes
+
+
+@pytest.mark.parametrize("extra, says", [
+    ({"upstreams": {"aiplatform": "http://{location}-aiplatform.googleapis.com"}}, "is not https"),
+    ({"upstreams": {"aiplatformGlobal": "https://collector.example.com"}}, "is not on *.googleapis.com"),
+    ({"upstreams": {"discovery": "http://127.0.0.1:9999"}}, "is a loopback address"),
+    ({"sidecar": {"image": "docker.io/someone/tool:1"}}, "spec.sidecar.image: docker.io/someone/tool:1 is not"),
+], ids=["http", "foreign-host", "loopback", "image"])
+async def test_out_of_bounds_route_renders_and_injects_nothing(
+        kube: KubeEmulator, cluster: Cluster, operator: Any, tls_files: dict[str, Any],
+        extra: dict[str, Any], says: str) -> None:
+    from tests.operator.test_webhook import Admission, pod
+
+    await create(cluster, o.namespace(), o.credential(), o.deployment(), o.route(**extra))
+
+    async def refused() -> dict[str, Any]:
+        ready = condition(await cluster.get("VertexRoute", o.NS, "gemini"), "Ready")
+        assert ready["status"] == "False" and ready["reason"] == "NotAllowed" and says in ready["message"], ready
+        return ready
+    ready = await eventually(refused)
+    assert "Nothing is rendered or injected with it" in ready["message"]
+    assert await cluster.get("ConfigMap", o.NS, "vertex-sidecar-gemini") is None
+    deployment = await cluster.get("Deployment", o.NS, "chat")
+    assert not (deployment["spec"]["template"]["metadata"].get("annotations") or {})  # type: ignore[index]
+    admitted, answer = await Admission(operator, str(tls_files["ca"])).admit(pod())
+    assert "patch" not in answer and [c["name"] for c in admitted["spec"]["containers"]] == ["app"]
+    assert any("NotAllowed" in w or "policy" in w for w in answer.get("warnings", [])), answer
+
+
+async def test_allowed_overrides_are_rendered(
+        kube: KubeEmulator, cluster: Cluster, start_operator: Any) -> None:
+    bounds = dataclasses.replace(TEST_POLICY.routes, upstream_hosts=("vertex.psc.example.internal",),
+                                 allow_loopback=True)
+    await start_operator(policy=dataclasses.replace(TEST_POLICY, routes=bounds))
+    upstreams = {"aiplatform": "https://vertex.psc.example.internal", "discovery": "http://127.0.0.1:9999",
+                 "aiplatformGlobal": "https://aiplatform.googleapis.com"}
+    await create(cluster, o.namespace(), o.credential(), o.route(upstreams=upstreams))
+
+    async def rendered() -> dict[str, Any]:
+        config_map = await cluster.get("ConfigMap", o.NS, "vertex-sidecar-gemini")
+        assert config_map is not None
+        return config_map
+    config_map = await eventually(rendered)
+    assert "https://vertex.psc.example.internal" in config_map["data"]["config.yaml"]
