@@ -341,6 +341,18 @@ def test_webhook_never_sees_system_namespaces_or_its_own(rendered: dict[str, Doc
             "values": ["team-a", "team-b"]} in hook["namespaceSelector"]["matchExpressions"]
 
 
+OPT_IN = {"key": "vertex.passthrough.dev/injection", "operator": "In", "values": ["enabled"]}
+
+
+def test_webhook_is_opt_in_per_namespace_by_default(rendered: dict[str, Docs]) -> None:
+    for name in ("default", "namespaced", "all-enabled"):
+        (hook,) = one(rendered[name], "MutatingWebhookConfiguration")["webhooks"]
+        assert OPT_IN in hook["namespaceSelector"]["matchExpressions"], name
+    (hook,) = one(render(sets=("webhook.namespaceOptIn=false",)), "MutatingWebhookConfiguration")["webhooks"]
+    assert OPT_IN not in hook["namespaceSelector"]["matchExpressions"]
+    assert _excluded(hook) >= SYSTEM_NAMESPACES | {NAMESPACE}  # the old behaviour: all but these
+
+
 def test_generated_certificate_serves_the_webhook_service(default_docs: Docs) -> None:
     (hook,) = one(default_docs, "MutatingWebhookConfiguration")["webhooks"]
     secret = one(default_docs, "Secret")
