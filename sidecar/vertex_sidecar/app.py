@@ -58,17 +58,11 @@ class Sidecar:
         return self.state.snapshot.config
 
     def start(self) -> None:
-        """Begin fetching the first tokens (readiness waits for them) and the log flusher."""
+        """Begin fetching the first tokens (readiness waits for them)."""
         snapshot = self.state.snapshot
         snapshot.credentials.start(snapshot.needed_credentials())
         if self.state.governor is not None:
             self.state.governor.start()
-        self._flusher = asyncio.ensure_future(self._flush_logs_periodically())
-
-    async def _flush_logs_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(AccessLog.FLUSH_INTERVAL_S)
-            self.observers.flush()
 
     def apply_config(self, config: Config) -> None:
         """Swap in a new config atomically: requests already running finish on the old one.
@@ -89,9 +83,6 @@ class Sidecar:
             asyncio.ensure_future(source.aclose())
 
     async def aclose(self) -> None:
-        flusher = getattr(self, "_flusher", None)
-        if flusher is not None:
-            flusher.cancel()
         if self.state.governor is not None:
             await self.state.governor.aclose()
         self.observers.flush()

@@ -57,11 +57,43 @@ def setup_logging(level: str) -> None:
 
 
 class _Server(uvicorn.Server):
-    """A uvicorn server that leaves signal handling to us: several run side by side."""
+    """A uvicorn server that leaves signal handling to us (several run side by side) and
+    sleeps while idle: uvicorn's own main loop wakes ten times a second to look at
+    `should_exit`; here setting it wakes the loop instead."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        self._exit = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        super().__init__(config)
+
+    @property  # type: ignore[override]
+    def should_exit(self) -> bool:
+        return self._exit.is_set()
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        if not value:
+            self._exit.clear()
+        elif self._loop is not None and _running_loop() is not self._loop:
+            self._loop.call_soon_threadsafe(self._exit.set)  # set from another thread (tests)
+        else:
+            self._exit.set()
+
+    async def main_loop(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.on_tick(0)  # sets the default headers once (no Date header: nothing to update)
+        await self._exit.wait()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def bind(address: ListenAddress) -> socket.socket:
