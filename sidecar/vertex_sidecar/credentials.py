@@ -81,29 +81,38 @@ def _delegate_name(delegate: str) -> str:
     return delegate if "/" in delegate else f"projects/-/serviceAccounts/{delegate}"
 
 
-def _make_credentials(spec: CredentialSpec, sources: Mapping[str, CredentialSpec]) -> Any:
-    """Build the google-auth credentials object for a spec (blocking: may probe metadata)."""
-    import google.auth
-    from google.auth import impersonated_credentials
-    from google.oauth2 import service_account
-
+def _make_credentials(spec: CredentialSpec, sources: Mapping[str, CredentialSpec], *,
+                      as_source: bool = False) -> Any:
+    """Build the credentials object for a spec (blocking: may probe metadata). google-auth's,
+    except for plain metadata-server ADC (`metadata_token`: the same GET, without importing
+    `requests` and `cryptography`); imported per type, so a sidecar loads only what it uses."""
     scopes = list(spec.scopes)
     if spec.type == "adc":
         explicit = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
         if explicit:  # the first place default() looks; loaded without the project lookup
             return _load_file_unscoped_then_scope(explicit, scopes)
+        from .metadata_token import MetadataServerCredentials, use_native_metadata
+
+        if not as_source and use_native_metadata(os.environ):  # (google-auth's impersonation wants its own)
+            return MetadataServerCredentials.from_environ(scopes, os.environ)
+        import google.auth
+
         credentials, _project = google.auth.default(scopes=scopes)
         return credentials
     if spec.type == "service_account_file":
+        from google.oauth2 import service_account
+
         assert spec.path is not None
         return service_account.Credentials.from_service_account_file(spec.path, scopes=scopes)
     if spec.type == "external_account_file":
         assert spec.path is not None
         return _external_account(spec.path, scopes)
     if spec.type == "impersonate":
+        from google.auth import impersonated_credentials
+
         assert spec.target_principal is not None
         source_spec = sources[spec.source] if spec.source else CredentialSpec(name="adc-source")
-        source = _make_credentials(source_spec, sources)
+        source = _make_credentials(source_spec, sources, as_source=True)
         # google-auth takes the full URL with the account in it; None keeps Google's endpoint.
         endpoint = (spec.iam_endpoint + _GENERATE_ACCESS_TOKEN.format(spec.target_principal)
                     if spec.iam_endpoint else None)
@@ -255,7 +264,9 @@ class TokenSource:
         try:
             token, expires_at = await asyncio.to_thread(self._refresh_blocking)
         except Exception as exc:  # google-auth raises a variety of transport/refresh errors
-            if isinstance(exc, CredentialError):  # ours, already explained
+            from .metadata_token import MetadataTokenError
+
+            if isinstance(exc, (CredentialError, MetadataTokenError)):  # ours, already explained
                 message = redact(str(exc))[:500]
             else:
                 target = getattr(self._credentials, "service_account_email", None)
@@ -276,11 +287,13 @@ class TokenSource:
         return token
 
     def _refresh_blocking(self) -> tuple[str, float]:
-        from google.auth.transport.requests import Request
+        from .metadata_token import MetadataServerCredentials
 
         if self._credentials is None:
             self._credentials = _make_credentials(self.spec, self._sources)
-        if self._request is None:
+        if self._request is None and not isinstance(self._credentials, MetadataServerCredentials):
+            from google.auth.transport.requests import Request
+
             self._request = Request()
         self._credentials.refresh(self._request)
         token = self._credentials.token
