@@ -58,7 +58,8 @@ def test_caller_disconnect_cancels_the_upstream_request(start: StartSidecar, emu
     vertex_state = emulator.app.state.vertex_app.state
     url = f"{sidecar.base_url}/{GEN_PATH}?bytes={50 * 1024 * 1024}&chunk_delay_s=0.05"
     with httpx.stream("GET", url, timeout=30) as response:
-        next(response.iter_raw())
+        chunks = response.iter_raw()  # kept: a dropped iterator makes httpcore close the connection
+        next(chunks)
         assert getattr(vertex_state, "downloads_open", 0) == 1
     # The caller is gone: the sidecar must hang up on the upstream, not drain 50 MB.
     deadline = time.monotonic() + 5
