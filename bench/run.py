@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cores import pinned
+from bench.nginx_reference import available as nginx_available, free_port, start_nginx
 from tests.harness.processes import PeakRss, rss_mb, stop_processes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,6 +131,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--quick", action="store_true", help="short runs, smaller download and stream counts")
+    parser.add_argument("--idle-seconds", type=float, default=None,
+                        help="how long to count the idle sidecar's CPU ticks (default 60, 10 with --quick)")
     parser.add_argument("--keep-cores-awake", action="store_true",
                         help="run a nice-19 busy loop on each core, so idle cores are not in a sleep state "
                              "when a packet arrives (a VM's vCPU wake-up adds ~0.1 ms per hop at 1 concurrent); "
@@ -192,6 +195,17 @@ def main() -> int:
         wrk(sidecar_base + GEN_PATH, 16, 1.0, script)
         time.sleep(0.5)
         results["rss_idle_mb"] = round(rss_mb(sidecar.pid), 1)
+        idle_s = args.idle_seconds if args.idle_seconds is not None else (10.0 if args.quick else 60.0)
+        before = cpu_ticks(sidecar.pid)
+        time.sleep(idle_s)
+        results["idle_cpu"] = {"seconds": idle_s, "ticks": cpu_ticks(sidecar.pid) - before,
+                               "ticks_per_s": os.sysconf("SC_CLK_TCK")}
+        nginx_base = None
+        if nginx_available():
+            nginx_port = free_port()
+            procs.append(start_nginx(tmp, upstream_port, nginx_port))
+            nginx_base = f"http://127.0.0.1:{nginx_port}/vertex_ai"
+            wrk(nginx_base + GEN_PATH, 16, 1.0, script)
 
         unary: dict[str, Any] = {}
         for concurrency in (1, 16, 64):
@@ -202,7 +216,9 @@ def main() -> int:
                 results["rss_load_64_mb"] = round(sampler.peak, 1)
             else:
                 via = wrk(sidecar_base + GEN_PATH, concurrency, duration, script)
+            nginx = wrk(nginx_base + GEN_PATH, concurrency, duration, script) if nginx_base else None
             unary[concurrency] = {
+                **(_nginx_row(nginx, direct, via) if nginx else {}),
                 "direct_rps": round(direct["rps"]), "sidecar_rps": round(via["rps"]),
                 "direct_p50_ms": direct["p50_us"] / 1000, "sidecar_p50_ms": via["p50_us"] / 1000,
                 "direct_p99_ms": direct["p99_us"] / 1000, "sidecar_p99_ms": via["p99_us"] / 1000,
@@ -251,12 +267,34 @@ def main() -> int:
     return 0
 
 
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process, in clock ticks (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _nginx_row(nginx: dict[str, Any], direct: dict[str, Any], via: dict[str, Any]) -> dict[str, Any]:
+    """nginx in the same run: the sidecar's throughput and added p50 as ratios of nginx's."""
+    nginx_added = (nginx["p50_us"] - direct["p50_us"]) / 1000
+    sidecar_added = (via["p50_us"] - direct["p50_us"]) / 1000
+    return {"nginx_rps": round(nginx["rps"]), "nginx_added_p50_ms": round(nginx_added, 3),
+            "rps_vs_nginx": round(via["rps"] / nginx["rps"], 2) if nginx["rps"] else None,
+            "added_p50_vs_nginx": round(sidecar_added / nginx_added, 1) if nginx_added > 0 else None}
+
+
 def render(results: dict[str, Any]) -> str:
-    lines = ["| concurrency | direct req/s | sidecar req/s | direct p50 | sidecar p50 | added p50 | added p99 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| concurrency | direct req/s | nginx req/s | sidecar req/s | sidecar/nginx req/s | direct p50 "
+             "| sidecar p50 | added p50 (nginx) | sidecar/nginx added p50 | added p99 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for concurrency, row in results["unary"].items():
-        lines.append(f"| {concurrency} | {row['direct_rps']:,} | {row['sidecar_rps']:,} | {row['direct_p50_ms']:.3f} ms"
-                     f" | {row['sidecar_p50_ms']:.3f} ms | {row['added_p50_ms']:+.3f} ms | {row['added_p99_ms']:+.3f} ms |")
+        lines.append(f"| {concurrency} | {row['direct_rps']:,} | {row.get('nginx_rps', '-'):,} | {row['sidecar_rps']:,}"
+                     f" | {row.get('rps_vs_nginx', '-')}× | {row['direct_p50_ms']:.3f} ms"
+                     f" | {row['sidecar_p50_ms']:.3f} ms | {row['added_p50_ms']:+.3f} ms"
+                     f" ({row.get('nginx_added_p50_ms', 0):+.3f} ms) | {row.get('added_p50_vs_nginx', '-')}×"
+                     f" | {row['added_p99_ms']:+.3f} ms |")
+    idle = results["idle_cpu"]
+    lines.append(f"\nIdle sidecar CPU: {idle['ticks']} ticks in {idle['seconds']:g} s "
+                 f"({idle['ticks'] * 60 / idle['seconds']:.1f} per 60 s; {idle['ticks_per_s']} ticks = 1 s of a core)")
     sse = results["sse_ttfb_ms"]
     dl = results["download"]
     streams = results["open_streams"]

@@ -45,6 +45,8 @@ DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?$")
 DEFAULT_PORT = 4000
 DEFAULT_ADMIN_PORT = 9464
 DEFAULT_TLS_PORT = 4443
+# From the bench: ~40 MB idle, ~57 MB at 64 concurrent, < 80 MB with 1,000 open streams;
+# no CPU while idle. No CPU limit: throttling would add latency to every call.
 DEFAULT_RESOURCES: Mapping[str, Mapping[str, str]] = {
     "requests": {"cpu": "50m", "memory": "64Mi"},
     "limits": {"memory": "256Mi"},
