@@ -187,6 +187,23 @@ class Governor:
             account.meter.add(usd, now)
             self._metrics.spend(route.name, account)
 
+    def counts_fleet_tokens(self, route: Route) -> bool:
+        return self._account(route).tokens is not None
+
+    async def tokens_spent(self, route: Route) -> str | None:
+        """After a Live turn's tokens were debited: a reason to stop when the fleet's tokens per
+        minute are used up (one sync when the lease ran dry, to learn whether the fleet's are)."""
+        account = self._account(route)
+        tokens = account.tokens
+        if tokens is None or tokens.holds(self.wall()):
+            return None
+        if not tokens.exhausted:
+            if self.store is None or not await self.sync(account):
+                return None  # not known to be spent (store out: the next setup decides)
+            if tokens.holds(self.wall()) or not tokens.exhausted:
+                return None
+        return _rate_limited(route, "tokens", route.limits.tokens_per_minute, self.wall()).message
+
     # Observer (after telemetry, which put tokens and cost into the record)
     def request_started(self, record: RequestRecord) -> None:
         pass

@@ -95,6 +95,15 @@ class RouteLimiter:
             self._requests.add(1, now)
         return None
 
+    def token_refusal(self) -> Refusal | None:
+        """Why no more tokens may be spent now (the window is used up), without counting a request."""
+        now = self._clock()
+        tpm = self.limits.tokens_per_minute
+        if tpm is None or self._tokens.count(now) < tpm:
+            return None
+        wait = _ceil(self._tokens.seconds_until_below(tpm, now))
+        return Refusal(wait, f"route {self.route!r} allows {tpm} tokens per minute; retry in {wait} s")
+
     def record_tokens(self, tokens: int) -> None:
         if self.limits.tokens_per_minute is not None and tokens > 0:
             self._tokens.add(tokens, self._clock())

@@ -44,8 +44,9 @@ from websockets.frames import EXTERNAL_CLOSE_CODES
 from . import __version__
 from .config import Config, Defaults, LiveLimits, Route
 from .credentials import CredentialError, TokenSource
-from .errors import error_body, error_headers
+from .errors import SidecarError, error_body, error_headers
 from .headers import header_value, upstream_request_headers
+from .limits import RouteLimiter
 from .observe import AccessLog, RequestRecord
 from .policy import matches
 from .proxy import Receive, Scope, Send
@@ -460,7 +461,7 @@ class NullLiveObserver:
         return None
 
 
-EndedBy = Literal["client", "upstream", "idle_timeout", "max_duration", "refused", "budget"]
+EndedBy = Literal["client", "upstream", "idle_timeout", "max_duration", "refused", "budget", "rate_limit"]
 
 
 @dataclass(slots=True)
@@ -574,6 +575,7 @@ class _Session:
         self.decision: LiveDecision | None = None
         self.last_activity = 0.0
         self.budget_crossed: str | None = None
+        self.limiter: RouteLimiter | None = None  # the route's per-pod limits (limits.py)
         self.trace: LiveTrace | None = None
 
     # ------------------------------------------------------------------ setup
@@ -602,9 +604,9 @@ class _Session:
                 TRY_AGAIN_LATER, f"too many Live sessions on route {route.name} (live.max_sessions="
                                  f"{limits.max_sessions}); try again later", status=429, error="TOO_MANY_SESSIONS"))
             return
-        budget = self._budget_spent(route)
-        if budget is not None:  # refused at setup, before Google is called (governor.py)
-            await self._refuse(LiveRefused(TRY_AGAIN_LATER, budget, status=429, error="ROUTE_BUDGET_EXHAUSTED"))
+        refused = await self._admit(route)  # a session counts as one request; budgets too
+        if refused is not None:
+            await self._refuse(refused)
             return
         self.relay.sessions[route.name] = open_now + 1
         self.relay.observer.live_session_started(route.name)
@@ -621,6 +623,33 @@ class _Session:
                 self.relay.sessions.pop(route.name, None)
             self._account(self.meter.flush())
             self.relay.observer.live_session_ended(route.name, time.monotonic() - started)
+
+    async def _admit(self, route: Route) -> LiveRefused | None:
+        """The route's requests/tokens per minute and budget, as for a REST request (per pod, or
+        fleet-wide through the governor); refused at setup, before Google is called."""
+        state = self.relay.state
+        limiter = self.limiter = state.limiters.for_route(route.name, route.limits)
+        governor = state.governor
+        try:
+            if governor is not None and governor.governs(route):
+                await governor.admit(route, limiter)
+            elif limiter.active:
+                refusal = limiter.admit()
+                if refusal is not None:
+                    return LiveRefused(TRY_AGAIN_LATER, refusal.message, status=429, error="ROUTE_RATE_LIMITED")
+        except SidecarError as exc:  # 429 rate limit or budget, 503 limit store unavailable
+            return LiveRefused(TRY_AGAIN_LATER, exc.message, status=exc.code, error=exc.reason)
+        return None
+
+    async def _token_limit_reached(self, route: Route) -> str | None:
+        """After a turn's tokens were debited: the reason to end the session if the route's
+        tokens per minute are used up (fleet-wide through the governor, else this pod's)."""
+        governor = self.relay.state.governor
+        if governor is not None and governor.governs(route) and governor.counts_fleet_tokens(route):
+            return await governor.tokens_spent(route)
+        limiter = self.limiter
+        refusal = limiter.token_refusal() if limiter is not None else None
+        return refusal.message if refusal is not None else None
 
     def _budget_spent(self, route: Route) -> str | None:
         governor = self.relay.state.governor
@@ -799,7 +828,13 @@ class _Session:
                     await send({"type": "websocket.send", "bytes": data})
             except (OSError, RuntimeError):
                 return _Ending("client", 1006, "", clean=False)
-            self._account(meter.observe(data))
+            usage = meter.observe(data)
+            if usage is not None:
+                self._account(usage)
+                if self.budget_crossed is None and self.decision is not None:
+                    limited = await self._token_limit_reached(self.decision.route)
+                    if limited is not None:  # closed cleanly at the end of the turn that used them up
+                        return _Ending("rate_limit", TRY_AGAIN_LATER, close_reason(limited))
             if self.budget_crossed is not None:  # closed cleanly at the end of the turn that spent it
                 return _Ending("budget", TRY_AGAIN_LATER, close_reason(self.budget_crossed))
 
@@ -811,6 +846,8 @@ class _Session:
         add_usage(stats.usage, usage)
         if self.trace is not None:
             self.trace.turn(usage)
+        if self.limiter is not None and self.limiter.counts_tokens:
+            self.limiter.record_tokens(usage.total_tokens)  # per pod, as the REST proxy does
         decision = self.decision
         try:
             fields = self.relay.observer.live_turn_usage(

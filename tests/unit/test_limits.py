@@ -55,3 +55,18 @@ def test_limiters_survive_reload_unless_limits_change() -> None:
     first = limiters.for_route("r", Limits(requests_per_minute=5))
     assert limiters.for_route("r", Limits(requests_per_minute=5)) is first
     assert limiters.for_route("r", Limits(requests_per_minute=6)) is not first
+
+
+def test_token_refusal_says_when_the_window_is_used_up_without_counting_a_request() -> None:
+    clock = Clock()
+    limiter = RouteLimiter("r", Limits(requests_per_minute=1, tokens_per_minute=100), clock)
+    assert limiter.token_refusal() is None
+    limiter.record_tokens(99)
+    assert limiter.token_refusal() is None
+    limiter.record_tokens(1)
+    refusal = limiter.token_refusal()
+    assert refusal is not None and refusal.retry_after_s == 60 and "100 tokens per minute" in refusal.message
+    assert limiter.admit() is not None  # the tokens, not a request, refuse it
+    clock.now += 60
+    assert limiter.token_refusal() is None and limiter.admit() is None
+    assert RouteLimiter("r", Limits(), clock).token_refusal() is None
