@@ -17,6 +17,7 @@ from vertex_operator.options import (
     DEFAULT_IAM_ENDPOINT, DEFAULT_RESOURCE_MANAGER_ENDPOINT, DEFAULT_SIDECAR_IMAGE, Options,
 )
 from vertex_operator.policy import PolicyError, load_policy
+from vertex_operator.tracing import TracingDefaults
 
 if TYPE_CHECKING:
     from vertex_operator.controller import Controller
@@ -66,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the platform team's bounds on VertexCredentials and VertexRoutes (YAML; the chart "
                         "renders it from the policy values). Without it only roles/aiplatform.user is allowed "
                         "and no project, Google service account or pool: automatic backends grant nothing")
+    t = p.add_argument_group("tracing of injected sidecars",
+                             "Defaults for routes whose spec.sidecar.tracing does not say.")
+    t.add_argument("--tracing", action="store_true",
+                   help="injected sidecars export OpenTelemetry spans (OTLP/HTTP protobuf)")
+    t.add_argument("--tracing-endpoint", metavar="URL",
+                   help="the collector's OTLP/HTTP base URL, e.g. http://otel-collector.observability:4318")
+    t.add_argument("--tracing-sample-ratio", type=_ratio, metavar="RATIO",
+                   help="share of requests without a caller's traceparent that are traced (0 to 1; default 1)")
     w = p.add_argument_group("admission webhook")
     w.add_argument("--no-webhook", action="store_true", help="do not serve the injection webhook")
     w.add_argument("--webhook-addr", default="0.0.0.0")
@@ -105,7 +114,19 @@ def options_from_args(args: argparse.Namespace) -> Options:
         binding_recheck_seconds=args.binding_recheck_seconds,
         extra_excluded_namespaces=frozenset(args.exclude_namespace),
         policy=load_policy(args.policy_file),
+        tracing=TracingDefaults(enabled=args.tracing, endpoint=args.tracing_endpoint,
+                                sample_ratio=args.tracing_sample_ratio),
     )
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
 
 
 async def run(options: Options, *, stop_flag: threading.Event | asyncio.Event | None = None,

@@ -141,7 +141,8 @@ class Controller:
     @property
     def reconcile_options(self) -> reconcile.Options:
         return reconcile.Options(default_image=self.options.sidecar_image, server_version=self.server_version,
-                                 policy=self.options.policy)
+                                 policy=self.options.policy,
+                                 tracing=self.options.tracing)
 
     # ---------------------------------------------------------------- reconciling
 

@@ -235,6 +235,35 @@ class Tls:
 
 
 @dataclass(frozen=True)
+class Tracing:
+    """`spec.sidecar.tracing`; None fields take the operator's defaults (chart sidecar.tracing.*)."""
+
+    enabled: bool | None = None
+    endpoint: str | None = None
+    sample_ratio: float | None = None
+    baggage_keys: tuple[str, ...] = ()
+
+
+_TRACING_ENDPOINT = re.compile(r"^https?://[^/\s]+")
+_BAGGAGE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _tracing(f: _Fields) -> Tracing:
+    enabled = f.data.get("enabled")
+    if enabled is not None and not isinstance(enabled, bool):
+        raise SpecError(f"{f.at('enabled')}: expected true or false, got {enabled!r}")
+    ratio = f.data.get("sampleRatio")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1):
+        raise SpecError(f"{f.at('sampleRatio')}: expected a number from 0 to 1, got {ratio!r}")
+    return Tracing(
+        enabled=enabled,
+        endpoint=f.string("endpoint", pattern=_TRACING_ENDPOINT, hint=" (an http(s) URL of an OTLP/HTTP collector)"),
+        sample_ratio=None if ratio is None else float(ratio),
+        baggage_keys=f.strings("baggageKeys", pattern=_BAGGAGE_KEY, hint=" (a baggage key)") or (),
+    )
+
+
+@dataclass(frozen=True)
 class SidecarSettings:
     image: str | None = None  # None: the operator's --sidecar-image
     image_pull_policy: str | None = None
@@ -244,6 +273,7 @@ class SidecarSettings:
     resources: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: DEFAULT_RESOURCES)
     native_sidecar: NativeSidecar = "auto"
     rollout_strategy: RolloutStrategy = "Workload"
+    tracing: Tracing = field(default_factory=Tracing)
 
 
 @dataclass(frozen=True)
@@ -352,6 +382,7 @@ def _sidecar(f: _Fields) -> SidecarSettings:
         resources=_resources(f.sub("resources")),
         native_sidecar=f.choice("nativeSidecar", ("auto", "true", "false"), "auto"),  # type: ignore[arg-type]
         rollout_strategy=f.choice("rolloutStrategy", ("Workload", "None"), "Workload"),  # type: ignore[arg-type]
+        tracing=_tracing(f.sub("tracing")),
     )
     if settings.image_pull_policy not in (None, "Always", "IfNotPresent", "Never"):
         raise SpecError(f"{f.at('imagePullPolicy')}: must be Always, IfNotPresent or Never")

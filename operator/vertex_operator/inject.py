@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from vertex_operator import isolation, render
+from vertex_operator.tracing import EffectiveTracing, TracingDefaults, effective_tracing, tracing_env
 from vertex_operator.crd import (
     INJECT_ANNOTATION, ROUTE_ANNOTATION, Credential, Federation, Route, SecretKey,
 )
@@ -60,6 +61,7 @@ class SidecarPlan:
     project: str
     location: str
     isolation: str = isolation.COOPERATIVE
+    tracing: EffectiveTracing | None = None  # None: tracing off
 
     @property
     def base_url(self) -> str:
@@ -76,7 +78,7 @@ class SidecarPlan:
         hot-reloads that. `native_setting` is hashed rather than the resolved `native`
         so that a cluster upgrade alone does not restart every selected workload.
         """
-        return render.stable_hash({
+        hashed: dict[str, Any] = {
             "route": self.route_name,
             "image": self.image,
             "imagePullPolicy": self.image_pull_policy,
@@ -92,7 +94,10 @@ class SidecarPlan:
                 "secret": None if self.secret is None else [self.secret.secret_name, self.secret.key],
             },
             "env": [self.project, self.location],
-        })
+        }
+        if self.tracing is not None:  # only when on: pods without tracing keep their hash
+            hashed["tracing"] = self.tracing.restart_key
+        return render.stable_hash(hashed)
 
 
 def resolve_native(setting: str, server_version: tuple[int, int] | None) -> bool:
@@ -105,7 +110,8 @@ def resolve_native(setting: str, server_version: tuple[int, int] | None) -> bool
 
 
 def plan_sidecar(route: Route, credential: Credential, *, default_image: str,
-                 server_version: tuple[int, int] | None) -> SidecarPlan:
+                 server_version: tuple[int, int] | None,
+                 tracing_defaults: TracingDefaults = TracingDefaults()) -> SidecarPlan:
     sidecar = route.sidecar
     return SidecarPlan(
         route_name=route.name,
@@ -126,6 +132,7 @@ def plan_sidecar(route: Route, credential: Credential, *, default_image: str,
         project=route.defaults.project,
         location=route.defaults.location,
         isolation=credential.isolation,
+        tracing=effective_tracing(sidecar.tracing, tracing_defaults),
     )
 
 
@@ -351,6 +358,9 @@ def inject(pod: Mapping[str, Any], plan: SidecarPlan) -> Injection:
             _app_container_ops(patch, ("spec", "initContainers", i), container, plan)
 
     sidecar = sidecar_container(plan)
+    if plan.tracing is not None:  # the pod's k8s.* resource attributes for its spans
+        sidecar["env"] = [*sidecar.get("env", []),
+                          *tracing_env(pod, CONTAINER_NAME, sidecar.get("env", []))]
     if plan.native:
         # First, so that it is up before the other init containers and the app start.
         if init_containers is None:

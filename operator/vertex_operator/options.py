@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from vertex_operator import __version__
 from vertex_operator.policy import Policy
+from vertex_operator.tracing import TracingDefaults
 
 DEFAULT_SIDECAR_IMAGE = os.environ.get("VERTEX_SIDECAR_IMAGE") or f"vertex-passthrough-sidecar:{__version__}"
 SYSTEM_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"})
@@ -44,6 +45,8 @@ class Options:
     extra_excluded_namespaces: frozenset[str] = field(default_factory=frozenset)
     # The platform team's bounds (--policy-file); the defaults refuse every automatic grant.
     policy: Policy = field(default_factory=Policy)
+    # Tracing for routes whose spec.sidecar.tracing does not say (chart sidecar.tracing.*).
+    tracing: TracingDefaults = field(default_factory=TracingDefaults)
 
     @property
     def excluded_namespaces(self) -> frozenset[str]:

@@ -28,6 +28,7 @@ from vertex_operator.crd import (
     parse_credential, parse_route,
 )
 from vertex_operator.policy import Policy, route_refusal
+from vertex_operator.tracing import TracingDefaults
 from vertex_operator.selection import LabelSelector, Workload, precedence, selecting
 
 MAX_LISTED = 50  # workloads listed by name in a route's status
@@ -92,6 +93,7 @@ class Options:
     server_version: tuple[int, int] | None = None
     namespace_excluded: bool = False  # a namespace the webhook never injects (system, the operator's own)
     policy: Policy = field(default_factory=Policy)  # the platform team's bounds (upstreams, images)
+    tracing: TracingDefaults = field(default_factory=TracingDefaults)  # chart sidecar.tracing.*
 
 
 @dataclass
@@ -145,11 +147,11 @@ def evaluate(record: RouteRecord, credentials: Iterable[CredentialRecord], optio
         return state
     state.credential = found.credential
     state.plan = inject.plan_sidecar(route, found.credential, default_image=options.default_image,
-                                     server_version=options.server_version)
+                                     server_version=options.server_version, tracing_defaults=options.tracing)
     if not with_config:
         return state
     try:
-        state.rendered = render.render(route, found.credential)
+        state.rendered = render.render(route, found.credential, state.plan.tracing)
     except render.RenderError as exc:
         state.config_error = ("InvalidConfig", f"{exc}. The previous config (if any) stays in place.")
     return state

@@ -18,6 +18,7 @@ import yaml
 from vertex_sidecar.config import NAME_RE, ConfigError, parse_config
 
 from vertex_operator.crd import UPSTREAM_KEYS, Credential, Route, Rule
+from vertex_operator.tracing import EffectiveTracing
 
 CONFIG_DIR = "/etc/vertex-sidecar"
 CONFIG_FILE = "config.yaml"
@@ -116,7 +117,7 @@ def _route_entry(rule: Rule, credential_name: str) -> dict[str, Any]:
     return entry
 
 
-def render_config(route: Route, credential: Credential) -> dict[str, Any]:
+def render_config(route: Route, credential: Credential, tracing: EffectiveTracing | None = None) -> dict[str, Any]:
     """The sidecar config document (not yet validated)."""
     name = credential_key(credential)
     config: dict[str, Any] = {
@@ -134,12 +135,14 @@ def render_config(route: Route, credential: Credential) -> dict[str, Any]:
     }
     config["credentials"] = {name: credential_entry(credential)}
     config["routes"] = [_route_entry(rule, name) for rule in route.effective_rules()]
+    if tracing is not None:
+        config["tracing"] = tracing.config_section()
     return config
 
 
-def render(route: Route, credential: Credential) -> Rendered:
+def render(route: Route, credential: Credential, tracing: EffectiveTracing | None = None) -> Rendered:
     """Render and validate with the sidecar's own schema; raises `RenderError`."""
-    config = render_config(route, credential)
+    config = render_config(route, credential, tracing)
     try:
         parse_config(config, source=f"VertexRoute {route.namespace}/{route.name}")
     except ConfigError as exc:
