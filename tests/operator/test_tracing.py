@@ -94,7 +94,8 @@ def test_rendered_config_and_pod_env_give_the_sidecar_its_settings() -> None:
     patched = jsonpatch.apply_patch(copy.deepcopy(pod), result.patch)
     (sidecar,) = [c for c in patched["spec"]["initContainers"] if c["name"] == "vertex-sidecar"]
     env = expand(sidecar["env"], {"metadata.name": "chat-7d9f5c-x2k4p", "metadata.uid": "0b1c-uid",
-                                  "metadata.namespace": o.NS, "spec.nodeName": "node-7"})
+                                  "metadata.namespace": o.NS, "spec.nodeName": "node-7",
+                                  "status.podIP": "10.0.0.7"})
     settings = tracing_settings(parse_config_text(rendered.text).tracing, env)
     assert settings.enabled and settings.endpoint == "http://otel.observability:4318/v1/traces"
     assert settings.sampler.ratio == 0.5 and settings.baggage_keys == ("tenant",)
