@@ -259,8 +259,24 @@ class Controller:
 
     # ---------------------------------------------------------------- admission
 
-    def admit(self, pod: Mapping[str, Any], namespace: str, indexes: Indexes) -> inject.Injection:
-        """Decide on one pod at creation: a JSON patch, or why none (and warnings)."""
+    async def pull_secrets(self, namespace: str, account: str) -> tuple[list[str], str | None]:
+        """The imagePullSecrets of a service account, and a warning when they cannot be read."""
+        assert self.kube is not None
+        try:
+            # Bounded well below the API server's webhook timeout (default 5 s).
+            found = await asyncio.wait_for(self.kube.read_service_account(namespace, account), 2.0)
+        except Exception as exc:
+            return [], (f"could not read ServiceAccount {account} ({describe_error(exc)}): its imagePullSecrets "
+                        "were not copied into the pod")
+        if found is None:
+            return [], None  # the API server refuses the pod itself (its service account does not exist)
+        return [s["name"] for s in found.get("imagePullSecrets") or [] if isinstance(s, Mapping) and s.get("name")], None
+
+    def admit(self, pod: Mapping[str, Any], namespace: str, indexes: Indexes,
+              pull_secrets: list[str] | None = None) -> inject.Injection:
+        """Decide on one pod at creation: a JSON patch, or why none (and warnings).
+
+        `pull_secrets`: those of the account the pod is switched to (see `pull_secrets`)."""
         if namespace in self.options.excluded_namespaces:
             return inject.Injection(reason=f"namespace {namespace} is never injected")
         labels = (pod.get("metadata") or {}).get("labels") or {}
@@ -278,7 +294,7 @@ class Controller:
                 reason=state.blocked[1],
                 warnings=[f"VertexRoute {chosen[0].name!r} selects this pod but cannot inject "
                           f"its sidecar: {state.blocked[1]}"])
-        result = inject.inject(pod, state.plan)
+        result = inject.inject(pod, state.plan, pull_secrets or ())
         if result.injected and len(chosen) > 1:
             others = ", ".join(repr(r.name) for r in chosen[1:])
             result.warnings.append(f"VertexRoute(s) {others} also select this pod; "

@@ -243,6 +243,7 @@ class Injection:
     patch: JsonPatch = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     reason: str = ""  # why nothing was injected ("" when injected)
+    service_account: str | None = None  # the account the patch switches the pod to, if it does
 
     @property
     def injected(self) -> bool:
@@ -310,8 +311,27 @@ def _app_container_ops(patch: JsonPatch, path: tuple[str | int, ...], container:
                     [{"name": TLS_VOLUME, "mountPath": render.TLS_DIR, "readOnly": True}])
 
 
-def inject(pod: Mapping[str, Any], plan: SidecarPlan) -> Injection:
-    """The JSON patch that adds the sidecar of `plan` to `pod` (a Pod as admitted)."""
+def pull_secret_ops(spec: Mapping[str, Any], account_secrets: Sequence[str]) -> JsonPatch:
+    """Add the new service account's imagePullSecrets to the pod's.
+
+    The API server's ServiceAccount admission plugin ran before this webhook and copied the
+    *old* account's pull secrets (usually `default`'s) into a pod that named none; after the
+    switch the pod must still pull what the new account can. The pod keeps what it has (its
+    own, or the old account's) and gains the new account's, each name once.
+    """
+    existing = spec.get("imagePullSecrets")
+    have = {s.get("name") for s in existing or []}
+    adding = [{"name": n} for n in dict.fromkeys(account_secrets) if n not in have]
+    patch: JsonPatch = []
+    _append(patch, ("spec", "imagePullSecrets"), existing, adding)
+    return patch
+
+
+def inject(pod: Mapping[str, Any], plan: SidecarPlan, pull_secrets: Sequence[str] = ()) -> Injection:
+    """The JSON patch that adds the sidecar of `plan` to `pod` (a Pod as admitted).
+
+    `pull_secrets`: the imagePullSecrets of `plan.service_account_name`, copied into the pod
+    when the patch switches it to that account (the caller reads the account)."""
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     annotations = meta.get("annotations")
@@ -342,10 +362,13 @@ def inject(pod: Mapping[str, Any], plan: SidecarPlan) -> Injection:
     own_sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
     # A key file does not depend on the pod's identity: a pod's own account is kept then.
     keep_own = plan.credential_mode == "secretRef" and own_sa != "default"
+    switched = None
     if own_sa != plan.service_account_name and not keep_own:
+        switched = plan.service_account_name
         patch.append({"op": "add", "path": "/spec/serviceAccountName", "value": plan.service_account_name})
         if "serviceAccount" in spec:  # the deprecated alias must agree or the API refuses the pod
             patch.append({"op": "replace", "path": "/spec/serviceAccount", "value": plan.service_account_name})
+        patch += pull_secret_ops(spec, pull_secrets)
     _append(patch, ("spec", "volumes"), spec.get("volumes"), sidecar_volumes(plan))
 
     # Env and mounts first, while the container indexes are still the original ones.
@@ -370,4 +393,4 @@ def inject(pod: Mapping[str, Any], plan: SidecarPlan) -> Injection:
     else:
         # Last, so that `kubectl logs`/`exec` keep defaulting to the app container.
         _append(patch, ("spec", "containers"), spec.get("containers"), [sidecar])
-    return Injection(patch=patch)
+    return Injection(patch=patch, service_account=switched)

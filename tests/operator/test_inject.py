@@ -275,3 +275,12 @@ def test_config_hash_tracks_what_needs_new_pods_only() -> None:
     assert len({p.config_hash for p in changed} | {base.config_hash}) == len(changed) + 1
     # The cluster version alone does not restart workloads.
     assert make_plan(server_version=(1, 28)).config_hash == base.config_hash
+
+
+def test_pull_secrets_of_the_new_account_are_added_once() -> None:
+    pod = make_pod(imagePullSecrets=[{"name": "a"}])
+    result = inject.inject(pod, make_plan(), pull_secrets=["b", "a", "b"])
+    assert result.service_account == "vertex"
+    patched = jsonpatch.apply_patch(copy.deepcopy(pod), result.patch)
+    assert patched["spec"]["imagePullSecrets"] == [{"name": "a"}, {"name": "b"}]
+    assert inject.pull_secret_ops({}, []) == []

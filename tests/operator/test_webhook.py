@@ -203,3 +203,18 @@ async def test_native_auto_on_an_older_cluster(kube: KubeEmulator, cluster: Clus
     result, _ = await admission.admit(pod())
     assert "initContainers" not in result["spec"]
     assert names(result["spec"]["containers"]) == ["app", "vertex-sidecar"]
+
+
+async def test_switched_pod_gets_the_new_accounts_pull_secrets(cluster: Cluster, admission: Admission) -> None:
+    await arrange(cluster)
+    await cluster.patch("ServiceAccount", o.NS, "vertex", {"imagePullSecrets": [{"name": "team-registry"}]})
+    # As the ServiceAccount admission plugin left it: the default account's pull secret copied in.
+    before = pod(imagePullSecrets=[{"name": "default-registry"}])
+    result, answer = await admission.admit(before)
+    assert result["spec"]["serviceAccountName"] == "vertex"
+    assert result["spec"]["imagePullSecrets"] == [{"name": "default-registry"}, {"name": "team-registry"}]
+    # None before: the list is created; and a pod that already runs as the account is left alone.
+    result, _ = await admission.admit(pod())
+    assert result["spec"]["imagePullSecrets"] == [{"name": "team-registry"}]
+    result, _ = await admission.admit(pod(serviceAccountName="vertex"))
+    assert "imagePullSecrets" not in result["spec"]

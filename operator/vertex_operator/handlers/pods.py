@@ -24,6 +24,13 @@ async def inject_sidecar(body: kopf.Body, patch: kopf.Patch, warnings: list[str]
     namespace = body.metadata.namespace or ""
     try:
         result = controller.admit(pod, namespace, Indexes(kwargs))
+        if result.service_account:
+            # Switched to the credential's account: it brings its own imagePullSecrets.
+            secrets, problem = await controller.pull_secrets(namespace, result.service_account)
+            if secrets:
+                result = controller.admit(pod, namespace, Indexes(kwargs), pull_secrets=secrets)
+            if problem:
+                result.warnings.append(problem)
     except Exception:
         metrics.ERRORS.labels("admission").inc()
         metrics.ADMISSIONS.labels("error").inc()
