@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import uvicorn
 
@@ -25,6 +25,10 @@ from .listener import BoundedHttpToolsProtocol
 from .showback import showback_from_env
 from .proxy import StreamAborted
 from .telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from .forward_proxy import ForwardProxy
+    from .tls import TlsFiles
 
 log = logging.getLogger("vertex_sidecar")
 
@@ -163,8 +167,11 @@ async def serve(config: Config, sidecar: Sidecar | None = None, config_path: str
     admin_sock = bind(config.admin_listen)
     app_server = _Server(_uvicorn_config(sidecar.main_app, config))
     admin_server = _Server(_uvicorn_config(sidecar.admin_app(), config))
-    tls = _tls_listener(config, sidecar)
+    files = _prepare_tls(config)
+    tls = _tls_listener(config, sidecar, files)
+    forward = _proxy_listener(config, sidecar, files)
     front = [app_server] + ([tls.server] if tls else [])  # the listeners callers use
+    proxy_drain: asyncio.Future[None] | None = None
     sidecar.start()
     watcher = None
     if config_path is not None:
@@ -176,6 +183,7 @@ async def serve(config: Config, sidecar: Sidecar | None = None, config_path: str
     loop = asyncio.get_running_loop()
 
     def drain(signame: str) -> None:
+        nonlocal proxy_drain
         if sidecar.state.draining:
             for server in front:
                 server.force_exit = True  # a second signal: stop now
@@ -184,6 +192,8 @@ async def serve(config: Config, sidecar: Sidecar | None = None, config_path: str
         sidecar.state.draining = True
         for server in front:
             server.should_exit = True
+        if forward is not None:
+            proxy_drain = asyncio.ensure_future(forward.proxy.shutdown(config.drain_seconds))
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, drain, sig.name)
@@ -192,6 +202,9 @@ async def serve(config: Config, sidecar: Sidecar | None = None, config_path: str
                  "listen": _address(main_sock), "admin_listen": _address(admin_sock)}
     if tls:
         listening.update(tls_listen=_address(tls.sock), ca_bundle=tls.ca_bundle_path)
+    if forward:
+        await forward.proxy.start(forward.sock)
+        listening.update(proxy_listen=_address(forward.sock), ca_bundle=forward.ca_bundle_path)
     print(json.dumps(listening), flush=True)
     admin_task = asyncio.ensure_future(admin_server.serve(sockets=[admin_sock]))
     tls_task = asyncio.ensure_future(tls.server.serve(sockets=[tls.sock])) if tls else None
@@ -204,6 +217,8 @@ async def serve(config: Config, sidecar: Sidecar | None = None, config_path: str
         if tls and tls_task:
             tls.server.should_exit = True
             await tls_task
+        if forward is not None:
+            await (proxy_drain or forward.proxy.shutdown(0))
         await admin_task
         await sidecar.aclose()
         log.info("stopped")
@@ -216,18 +231,52 @@ class _TlsListener:
     ca_bundle_path: str
 
 
-def _tls_listener(config: Config, sidecar: Sidecar) -> _TlsListener | None:
+def _prepare_tls(config: Config) -> "TlsFiles | None":
+    """Certificates for `tls_listen` and `proxy_listen` (one pod-local CA for both)."""
+    if config.tls_listen is None and config.proxy_listen is None:
+        return None
+    from .proxy_hosts import intercepted_names
+    from .tls import prepare_tls_isolated  # raises TlsError (an OSError): "cannot start: ..."
+
+    intercept = intercepted_names(config.proxy.extra_locations) if config.proxy_listen is not None else ()
+    return prepare_tls_isolated(config.tls, intercept=intercept)
+
+
+def _tls_listener(config: Config, sidecar: Sidecar, files: "TlsFiles | None") -> _TlsListener | None:
     """`tls_listen`: the same app over TLS (google-genai's Live API only dials wss://)."""
     if config.tls_listen is None:
         return None
-    from .tls import prepare_tls_isolated  # raises TlsError (an OSError): "cannot start: ..."
-
-    files = prepare_tls_isolated(config.tls)
+    assert files is not None
     sock = bind(config.tls_listen)
     server = _Server(_uvicorn_config(sidecar.main_app, config, ssl_certfile=files.cert_file,
                                      ssl_keyfile=files.key_file))
     log.info("TLS listener on %s; apps trust it with SSL_CERT_FILE=%s", _address(sock), files.ca_bundle_path)
     return _TlsListener(sock, server, files.ca_bundle_path)
+
+
+@dataclass
+class _ProxyListener:
+    sock: socket.socket
+    proxy: "ForwardProxy"
+    ca_bundle_path: str
+
+
+def _proxy_listener(config: Config, sidecar: Sidecar, files: "TlsFiles | None") -> _ProxyListener | None:
+    """`proxy_listen`: the HTTPS forward proxy (zero-code-change mode, forward_proxy.py)."""
+    if config.proxy_listen is None:
+        return None
+    from .forward_proxy import ForwardProxy
+    from .intercepted_app import InterceptedApp
+    from .proxy_hosts import intercepted_names
+
+    assert files is not None and files.proxy_cert_dir is not None
+    proxy = ForwardProxy(names=intercepted_names(config.proxy.extra_locations), cert_dir=files.proxy_cert_dir,
+                         http_config=_uvicorn_config(InterceptedApp(sidecar), config),
+                         settings=lambda: sidecar.config.proxy)
+    sock = bind(config.proxy_listen)
+    log.info("forward proxy on %s; apps use it with HTTPS_PROXY=http://%s and SSL_CERT_FILE=%s", _address(sock),
+             _address(sock), files.ca_bundle_path)
+    return _ProxyListener(sock, proxy, files.ca_bundle_path)
 
 
 def _address(sock: socket.socket) -> str:

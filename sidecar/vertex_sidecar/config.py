@@ -10,6 +10,7 @@ imports it to render and validate the config it writes into ConfigMaps.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -174,6 +175,22 @@ class TlsSettings:
 
 
 @dataclass(frozen=True)
+class ProxySettings:
+    """`proxy:` — the forward-proxy listener (`proxy_listen`, forward_proxy.py).
+
+    `other_hosts`: what a CONNECT to a host other than Google's Vertex AI / Discovery Engine
+    endpoints gets: a blind TCP tunnel, or 403. `resolve` pins host:port → ip:port for such
+    tunnels (tests, split-horizon DNS); it is the operator's choice, so the address checks
+    that keep callers off loopback and link-local do not apply to it.
+    """
+
+    other_hosts: Literal["tunnel", "deny"] = "tunnel"
+    tunnel_ports: tuple[int, ...] = (443,)
+    resolve: Mapping[str, str] = field(default_factory=dict)
+    extra_locations: tuple[str, ...] = ()  # Vertex regions newer than the built-in list
+
+
+@dataclass(frozen=True)
 class Route:
     name: str
     match: Match = field(default_factory=Match)
@@ -238,6 +255,8 @@ class Config:
     # the pod IP (kubelet probes and Prometheus connect there), see cli.admin_listen_from_env.
     admin_listen: ListenAddress = ListenAddress("127.0.0.1", 9464)
     tls_listen: ListenAddress | None = None
+    proxy_listen: ListenAddress | None = None  # the HTTPS forward proxy (zero-code-change mode)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
     upstreams: Upstreams = field(default_factory=Upstreams)
     defaults: Defaults = field(default_factory=lambda: Defaults(api_version="v1"))
     credentials: Mapping[str, CredentialSpec] = field(
@@ -561,6 +580,32 @@ def _tls(section: _Section) -> TlsSettings:
     return result
 
 
+def _proxy(section: _Section) -> ProxySettings:
+    other_hosts = section.choice("other_hosts", ("tunnel", "deny"), "tunnel")
+    ports = section.raw("tunnel_ports")
+    if ports is None:
+        tunnel_ports: tuple[int, ...] = ProxySettings.tunnel_ports
+    elif not isinstance(ports, list) or not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536
+                                                  for p in ports):
+        raise ConfigError(f"{section.where('tunnel_ports')}: expected a list of ports (1-65535), got {_describe(ports)}")
+    else:
+        tunnel_ports = tuple(ports)
+    resolve = section.string_map("resolve")
+    for key, value in resolve.items():
+        for text, wants_ip in ((key, False), (value, True)):
+            try:
+                address = parse_listen(text, section.where("resolve"))
+                if wants_ip:
+                    ipaddress.ip_address(address.host)
+            except (ConfigError, ValueError):
+                raise ConfigError(f"{section.where('resolve')}: {text!r} is not {'ip' if wants_ip else 'host'}:port "
+                                  "(the map is host:port -> ip:port)") from None
+    extra = section.strings("extra_locations", pattern=LOCATION_TOKEN_RE)
+    section.finish()
+    return ProxySettings(other_hosts=other_hosts, tunnel_ports=tunnel_ports,  # type: ignore[arg-type]
+                         resolve={k.lower(): v for k, v in resolve.items()}, extra_locations=extra)
+
+
 _LOCATION_HINT = " (a location such as us-central1, europe-west4, global, us, eu)"
 
 
@@ -695,6 +740,8 @@ def parse_config(data: Any, source: str = "<memory>") -> Config:
         listen=_listen(top, "listen", Config.listen) or Config.listen,
         admin_listen=_listen(top, "admin_listen", Config.admin_listen) or Config.admin_listen,
         tls_listen=_listen(top, "tls_listen", None),
+        proxy_listen=_listen(top, "proxy_listen", None),
+        proxy=_proxy(top.section("proxy")),
         upstreams=_upstreams(top.section("upstreams")),
         defaults=defaults.over(Defaults(api_version="v1")),
         credentials=credentials,
@@ -713,6 +760,9 @@ def parse_config(data: Any, source: str = "<memory>") -> Config:
         source=source,
     )
     top.finish()
+    if config.proxy_listen is not None and config.tls.cert_file is not None:
+        raise ConfigError("proxy_listen: the forward proxy issues its certificates from the pod-local CA; leave out "
+                          "tls.cert_file/key_file (or the proxy)")
     if config.caller_keys is not None and config.caller_keys.header in config.metrics.header_labels:
         raise ConfigError(f"metrics.header_labels: {config.caller_keys.header!r} is the caller-key header "
                           "(caller_keys.header) and can never become a metric label")

@@ -1,7 +1,10 @@
 """The pod-local CA and the localhost certificate it issues. Pure: PEM bytes in and out.
 
 The CA carries critical name constraints (localhost, 127.0.0.0/8, ::1): app containers
-add it to their trust store, and even a leaked key cannot vouch for any other host.
+add it to their trust store, and even a leaked key cannot vouch for any other host. With
+the forward proxy on (`proxy_listen`), the constraints also permit exactly the Google
+endpoint names it intercepts (`proxy_hosts.intercepted_names`), each of which gets a leaf
+of its own (`issue_host_leaf`).
 Certificates satisfy RFC 5280 as OpenSSL's strict mode checks it (Python 3.13 turns
 ``VERIFY_X509_STRICT`` on by default): key identifiers, key usage, critical basic
 constraints. Keys are ECDSA P-256.
@@ -38,8 +41,9 @@ class Pem:
     key: bytes
 
 
-def usable_ca(existing: Pem, now: dt.datetime) -> bool:
-    """Whether a CA left by a previous start is ours, intact and far from expiry."""
+def usable_ca(existing: Pem, now: dt.datetime, extra_dns: tuple[str, ...] = ()) -> bool:
+    """Whether a CA left by a previous start is ours, intact, far from expiry, and constrained to
+    exactly the names wanted now (a change of `extra_dns` replaces it)."""
     try:
         cert = x509.load_pem_x509_certificate(existing.cert)
         key = serialization.load_pem_private_key(existing.key, password=None)
@@ -48,14 +52,25 @@ def usable_ca(existing: Pem, now: dt.datetime) -> bool:
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return (isinstance(key, ec.EllipticCurvePrivateKey) and bool(names) and names[0].value == CA_COMMON_NAME
             and key.public_key().public_numbers() == cert.public_key().public_numbers()  # type: ignore[union-attr]
-            and cert.not_valid_after_utc - now >= CA_MIN_REMAINING)
+            and cert.not_valid_after_utc - now >= CA_MIN_REMAINING
+            and permitted_dns(cert) == frozenset(LOCAL_DNS + extra_dns))
 
 
-def create_ca(now: dt.datetime) -> Pem:
+def permitted_dns(cert: x509.Certificate) -> frozenset[str]:
+    """The DNS names a CA's name constraints permit."""
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return frozenset()
+    return frozenset(n.value for n in constraints.permitted_subtrees or () if isinstance(n, x509.DNSName))
+
+
+def create_ca(now: dt.datetime, extra_dns: tuple[str, ...] = ()) -> Pem:
+    """A new CA; `extra_dns`: the intercepted Google names it may also vouch for."""
     key = ec.generate_private_key(ec.SECP256R1())
     public = key.public_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_COMMON_NAME)])
-    permitted: list[x509.GeneralName] = [x509.DNSName(n) for n in LOCAL_DNS]
+    permitted: list[x509.GeneralName] = [x509.DNSName(n) for n in LOCAL_DNS + extra_dns]
     permitted += [x509.IPAddress(ipaddress.ip_network(n)) for n in LOCAL_NETWORKS]
     cert = (
         x509.CertificateBuilder()
@@ -76,17 +91,26 @@ def create_ca(now: dt.datetime) -> Pem:
 
 def issue_leaf(ca: Pem, now: dt.datetime) -> Pem:
     """A server certificate for localhost, 127.0.0.1 and ::1, signed by `ca`."""
+    names: list[x509.GeneralName] = [x509.DNSName(n) for n in LOCAL_DNS]
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in LOCAL_IPS]
+    return _issue(ca, now, "localhost", names)
+
+
+def issue_host_leaf(ca: Pem, now: dt.datetime, host: str) -> Pem:
+    """A server certificate for exactly `host` (an intercepted Google endpoint), signed by `ca`."""
+    return _issue(ca, now, host, [x509.DNSName(host)])
+
+
+def _issue(ca: Pem, now: dt.datetime, common_name: str, names: list[x509.GeneralName]) -> Pem:
     ca_cert = x509.load_pem_x509_certificate(ca.cert)
     ca_key = serialization.load_pem_private_key(ca.key, password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = ec.generate_private_key(ec.SECP256R1())
     public = key.public_key()
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    names: list[x509.GeneralName] = [x509.DNSName(n) for n in LOCAL_DNS]
-    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in LOCAL_IPS]
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
         .public_key(public)
         .serial_number(x509.random_serial_number())

@@ -21,6 +21,7 @@ from .errors import SidecarError, error_headers
 from .headers import client_response_headers, content_length, header_value, upstream_request_headers
 from .observe import ChunkParser, Observer, RequestRecord
 from .policy import needs_body_model, resolve_target
+from .proxy_hosts import InterceptedHost, path_location_mismatch
 from .routing import Service, Target, with_location
 from .state import SidecarState
 from .strict_json import DuplicateKey, loads_unique
@@ -57,11 +58,14 @@ class Proxy:
         self.pool = pool
         self.observer = observer
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send, service: Service, subpath: str) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send, service: Service, subpath: str, *,
+                     intercepted: InterceptedHost | None = None) -> None:
+        """`intercepted`: through the forward proxy, the Google host the app dialled; the request
+        must name the location its name stands for (intercepted_app.py)."""
         record = RequestRecord.for_request(scope["headers"], method=scope["method"], service=service)
         self.observer.request_started(record)
         try:
-            await self._handle(scope, receive, send, service, subpath, record)
+            await self._handle(scope, receive, send, service, subpath, record, intercepted)
         except SidecarError as exc:
             await self._send_error(send, record, exc)
         except ClientDisconnected:
@@ -72,7 +76,7 @@ class Proxy:
             self.observer.request_finished(record)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, service: Service, subpath: str,
-                      record: RequestRecord) -> None:
+                      record: RequestRecord, intercepted: InterceptedHost | None = None) -> None:
         snapshot = self.state.snapshot  # the whole exchange runs under one config
         config = snapshot.config
         headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -90,6 +94,10 @@ class Proxy:
             body_model = _openai_body_model(body, strict=not config.allow_all)
         decision = snapshot.decide(subpath, service, body_model)
         route, target = decision.route, decision.target
+        if intercepted is not None:
+            mismatch = path_location_mismatch(intercepted, target.location)
+            if mismatch is not None:
+                raise SidecarError(400, mismatch, reason="LOCATION_MISMATCH")
         if decision.body_model is not None and body is not None:
             body = _rewrite_openai_model(body, decision.body_model)
         record.route, record.project, record.location = route.name, target.project, target.location

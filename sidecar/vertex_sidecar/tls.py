@@ -10,6 +10,9 @@ app can still reach every other TLS endpoint).
   read-only) and is reused across sidecar restarts in the same pod, so apps that loaded
   the bundle keep trusting the sidecar. The leaf certificate is issued anew at each start.
 - Or a mounted certificate (`cert_file`/`key_file`, its issuer in `ca_file`) is used.
+- With the forward proxy (`proxy_listen`), the pod-local CA also issues one leaf per
+  intercepted Google endpoint name (`intercept`), into ``<state_dir>/proxy/<name>.pem``
+  (certificate and key, 0600), and its name constraints permit exactly those names.
 Keys are written 0600, certificates and the bundle 0644 (other containers read it);
 every file is replaced atomically, so a reader never sees half a bundle. The keys never
 sit next to an explicit `ca_bundle_path` (its directory is shared with the app
@@ -64,17 +67,20 @@ class TlsFiles:
     ca_bundle_path: str  # system roots + our CA: the apps' SSL_CERT_FILE
     ca_cert_file: str | None  # the pod-local CA (None with a mounted certificate)
     system_roots: str | None  # the system bundle copied into ca_bundle_path
+    proxy_cert_dir: str | None = None  # <name>.pem per intercepted host (forward proxy)
 
 
 def default_state_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"vertex-sidecar-tls-{os.getuid()}")
 
 
-def prepare_tls_isolated(settings: TlsSettings, timeout_s: float = 60.0) -> TlsFiles:
+def prepare_tls_isolated(settings: TlsSettings, timeout_s: float = 60.0, *,
+                         intercept: tuple[str, ...] = ()) -> TlsFiles:
     """`prepare_tls` in a child process, so `cryptography` never loads into the sidecar."""
+    request = {"settings": dataclasses.asdict(settings), "intercept": list(intercept)}
     try:
         child = subprocess.run([sys.executable, "-m", "vertex_sidecar.tls"],
-                               input=json.dumps(dataclasses.asdict(settings)), capture_output=True, text=True,
+                               input=json.dumps(request), capture_output=True, text=True,
                                timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise TlsError(f"TLS listener: preparing the certificate failed: {exc}") from None
@@ -88,12 +94,19 @@ def prepare_tls_isolated(settings: TlsSettings, timeout_s: float = 60.0) -> TlsF
     return TlsFiles(**json.loads(child.stdout))
 
 
-def prepare_tls(settings: TlsSettings, *, now: dt.datetime | None = None) -> TlsFiles:
-    """Make sure the certificate, key and CA bundle exist; returns their paths."""
+def prepare_tls(settings: TlsSettings, *, now: dt.datetime | None = None,
+                intercept: tuple[str, ...] = ()) -> TlsFiles:
+    """Make sure the certificate, key and CA bundle exist; returns their paths.
+
+    `intercept`: the Google endpoint names the forward proxy answers for (one leaf each)."""
     now = now or dt.datetime.now(dt.timezone.utc)
     state_dir = Path(settings.state_dir or default_state_dir())
     bundle_path = Path(settings.ca_bundle_path or state_dir / "ca-bundle.pem")
     mounted = bool(settings.cert_file and settings.key_file)
+    if mounted and intercept:
+        raise TlsError("the forward proxy (proxy_listen) issues its certificates from the pod-local CA; it cannot "
+                       "run with a mounted tls.cert_file/key_file")
+    proxy_cert_dir: str | None = None
     if (not mounted and settings.ca_bundle_path
             and os.path.realpath(bundle_path.parent) == os.path.realpath(state_dir)):
         raise TlsError(f"TLS listener: tls.ca_bundle_path {bundle_path} is in tls.state_dir, next to the private "
@@ -109,8 +122,10 @@ def prepare_tls(settings: TlsSettings, *, now: dt.datetime | None = None) -> Tls
             trust = _read_pem(settings.ca_file, "tls.ca_file") if settings.ca_file else b""
         else:
             with _locked(state_dir):  # two sidecars sharing a dir must not issue two CAs
-                trust = _ensure_ca(state_dir, now)
+                trust = _ensure_ca(state_dir, now, intercept)
                 cert_file, key_file = _issue_leaf(state_dir, now)
+                if intercept:
+                    proxy_cert_dir = _issue_host_leaves(state_dir, now, intercept)
             ca_cert_file = str(state_dir / "ca.crt")
         system = find_system_roots(settings.system_ca_file, exclude=bundle_path)
         roots = _read_pem(system, "system CA bundle") if system else b""
@@ -125,7 +140,7 @@ def prepare_tls(settings: TlsSettings, *, now: dt.datetime | None = None) -> Tls
         raise TlsError(f"TLS listener: cannot write {where}: {exc.strerror or exc}. Mount a writable volume "
                        "(an emptyDir) and point tls.state_dir / tls.ca_bundle_path at it") from None
     _check_loadable(cert_file, key_file)
-    return TlsFiles(str(cert_file), str(key_file), str(bundle_path), ca_cert_file, system)
+    return TlsFiles(str(cert_file), str(key_file), str(bundle_path), ca_cert_file, system, proxy_cert_dir)
 
 
 def _check_private_dir(path: Path) -> None:
@@ -139,7 +154,7 @@ def _check_private_dir(path: Path) -> None:
         os.chmod(path, 0o700)
 
 
-def _ensure_ca(state_dir: Path, now: dt.datetime) -> bytes:
+def _ensure_ca(state_dir: Path, now: dt.datetime, intercept: tuple[str, ...] = ()) -> bytes:
     """The CA certificate (PEM): the one a previous start left when still good, else a new one."""
     from .localca import Pem, create_ca, usable_ca
 
@@ -148,11 +163,11 @@ def _ensure_ca(state_dir: Path, now: dt.datetime) -> bytes:
         existing: Pem | None = Pem(cert_path.read_bytes(), key_path.read_bytes())
     except FileNotFoundError:
         existing = None
-    if existing is not None and usable_ca(existing, now):
+    if existing is not None and usable_ca(existing, now, intercept):
         return existing.cert
     if existing is not None:
-        log.info("replacing the pod-local CA in %s (unreadable, expiring or not ours)", state_dir)
-    ca = create_ca(now)
+        log.info("replacing the pod-local CA in %s (unreadable, expiring, not ours, or for other names)", state_dir)
+    ca = create_ca(now, intercept)
     write_private(key_path, ca.key)
     write_public(cert_path, ca.cert)
     log.info("created a pod-local CA in %s", state_dir)
@@ -167,6 +182,18 @@ def _issue_leaf(state_dir: Path, now: dt.datetime) -> tuple[str, str]:
     write_private(key_path, leaf.key)
     write_public(cert_path, leaf.cert)
     return str(cert_path), str(key_path)
+
+
+def _issue_host_leaves(state_dir: Path, now: dt.datetime, hosts: tuple[str, ...]) -> str:
+    from .localca import Pem, issue_host_leaf
+
+    ca = Pem((state_dir / "ca.crt").read_bytes(), (state_dir / "ca.key").read_bytes())
+    directory = state_dir / "proxy"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    for host in hosts:
+        leaf = issue_host_leaf(ca, now, host)
+        write_private(directory / f"{host}.pem", leaf.cert + leaf.key)
+    return str(directory)
 
 
 # ---------------------------------------------------------------------- the bundle
@@ -259,7 +286,8 @@ def _main() -> int:
     """The child of `prepare_tls_isolated`: settings as JSON on stdin, `TlsFiles` on stdout."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
-        files = prepare_tls(TlsSettings(**json.load(sys.stdin)))
+        request = json.load(sys.stdin)
+        files = prepare_tls(TlsSettings(**request["settings"]), intercept=tuple(request.get("intercept", ())))
     except TlsError as exc:
         print(str(exc), file=sys.stderr)
         return 1

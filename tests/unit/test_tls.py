@@ -212,3 +212,79 @@ def test_an_encrypted_ca_key_is_replaced_not_fatal(tmp_path: Path) -> None:
     second = prepare_tls(settings(tmp_path))
     assert Path(second.ca_cert_file or "").read_bytes() != ca_before
     handshake(second.cert_file, second.key_file, second.ca_bundle_path, "localhost")
+
+
+# ------------------------------------------------ the forward proxy's per-host certificates
+
+
+def rogue_leaf(tmp_path: Path, name: str) -> tuple[str, str]:
+    """A certificate for `name` signed with the pod-local CA's key, as a thief of the key would make."""
+    state = tmp_path / "state"
+    ca_cert = x509.load_pem_x509_certificate((state / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((state / "ca.key").read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    cert_file, key_file = tmp_path / f"rogue-{name}.crt", tmp_path / f"rogue-{name}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
+
+
+@pytest.mark.skipif(SYSTEM is None, reason="no system CA bundle on this machine")
+def test_proxy_leaves_one_per_intercepted_name_and_constraints_exactly_those(tmp_path: Path) -> None:
+    from vertex_sidecar.localca import permitted_dns
+    from vertex_sidecar.proxy_hosts import intercepted_names
+
+    names = intercepted_names(("mars-north1",))
+    files = prepare_tls(settings(tmp_path), intercept=names)
+    ca = x509.load_pem_x509_certificate(Path(files.ca_cert_file or "").read_bytes())
+    assert permitted_dns(ca) == {"localhost", *names}
+    assert "mars-north1-aiplatform.googleapis.com" in names and "googleapis.com" not in names
+    assert files.proxy_cert_dir is not None
+    leaves = sorted(os.listdir(files.proxy_cert_dir))
+    assert leaves == sorted(f"{name}.pem" for name in names)
+    for name in ("us-central1-aiplatform.googleapis.com", "aiplatform.googleapis.com",
+                 "aiplatform.eu.rep.googleapis.com", "us-discoveryengine.googleapis.com"):
+        leaf = os.path.join(files.proxy_cert_dir, f"{name}.pem")
+        assert os.stat(leaf).st_mode & 0o777 == 0o600  # certificate and key in one private file
+        san = x509.load_pem_x509_certificate(Path(leaf).read_bytes()).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+        assert san == [name]  # exactly one name per leaf
+        handshake(leaf, leaf, files.ca_bundle_path, name)
+    with pytest.raises(ssl.SSLCertVerificationError, match="(?i)mismatch|match"):
+        leaf = os.path.join(files.proxy_cert_dir, "us-central1-aiplatform.googleapis.com.pem")
+        handshake(leaf, leaf, files.ca_bundle_path, "europe-west4-aiplatform.googleapis.com")
+    # Even the CA's own key cannot vouch for another Google API or a lookalike.
+    for other in ("storage.googleapis.com", "oauth2.googleapis.com", "evil-aiplatform.googleapis.com"):
+        cert_file, key_file = rogue_leaf(tmp_path, other)
+        with pytest.raises(ssl.SSLCertVerificationError, match="(?i)subtree|constraint"):
+            handshake(cert_file, key_file, files.ca_bundle_path, other)
+
+
+def test_the_ca_is_replaced_when_the_intercepted_names_change(tmp_path: Path) -> None:
+    from vertex_sidecar.proxy_hosts import intercepted_names
+
+    plain = Path(prepare_tls(settings(tmp_path)).ca_cert_file or "").read_bytes()
+    with_proxy = Path(prepare_tls(settings(tmp_path), intercept=intercepted_names()).ca_cert_file or "").read_bytes()
+    again = Path(prepare_tls(settings(tmp_path), intercept=intercepted_names()).ca_cert_file or "").read_bytes()
+    back = Path(prepare_tls(settings(tmp_path)).ca_cert_file or "").read_bytes()
+    assert plain != with_proxy and with_proxy == again and back != with_proxy  # least privilege either way
+
+
+def test_the_proxy_needs_the_pod_local_ca(tmp_path: Path) -> None:
+    issued = prepare_tls(settings(tmp_path / "elsewhere"))
+    with pytest.raises(TlsError, match="pod-local CA"):
+        prepare_tls(settings(tmp_path, cert_file=issued.cert_file, key_file=issued.key_file),
+                    intercept=("aiplatform.googleapis.com",))
+    with pytest.raises(ConfigError, match="proxy_listen"):
+        parse_config_text("proxy_listen: 127.0.0.1:4080\ntls: {cert_file: /c.pem, key_file: /k.pem}\n")
