@@ -156,6 +156,7 @@ class SpanExporter:
         self.dropped_export_failed = 0
         self.exports_failed = 0
         self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None  # armed while spans wait for the schedule
         self._last_export = time.monotonic()
         self._session: aiohttp.ClientSession | None = None
         self._ssl: ssl.SSLContext | bool | None = None
@@ -169,17 +170,36 @@ class SpanExporter:
             self.dropped_queue_full += 1
             return
         queue.append(span)
-        if len(queue) >= self.settings.max_batch and self._task is None:
-            self._start_export()
+        if self._task is None:
+            if len(queue) >= self.settings.max_batch:
+                self._start_export()
+            elif self._timer is None:
+                self._arm_timer()
 
     def tick(self) -> None:
-        """Called a few times a second (the app's log flusher): export when the schedule says so."""
+        """Export now if the schedule is due (the timer normally does this)."""
         if self.queue and self._task is None and (
                 time.monotonic() - self._last_export >= self.settings.schedule_delay_s
                 or len(self.queue) >= self.settings.max_batch):
             self._start_export()
 
+    def _arm_timer(self) -> None:
+        """One timer while spans wait: an idle sidecar has none (it never wakes up for tracing)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # outside the event loop (tools, unit tests)
+            return
+        self._timer = loop.call_later(self.settings.schedule_delay_s, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if self.queue and self._task is None:
+            self._start_export()
+
     def _start_export(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._task = asyncio.ensure_future(self._export_batches())
 
     # ------------------------------------------------------------------ export
@@ -194,6 +214,8 @@ class SpanExporter:
         finally:
             self._last_export = time.monotonic()
             self._task = None
+            if self.queue and not self._closed:
+                self._arm_timer()  # what is left waits for the next scheduled export
 
     async def export_once(self) -> None:
         queue = self.queue
@@ -257,6 +279,9 @@ class SpanExporter:
     async def aclose(self, timeout_s: float = 2.0) -> None:
         """Export what is queued (bounded in time), then close the HTTP session."""
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         try:
             if self._task is not None:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout_s)

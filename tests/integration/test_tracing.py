@@ -121,7 +121,10 @@ def test_genai_calls_continue_the_callers_trace(start: StartSidecar, emulator: S
     assert stream_call["headers"]["traceparent"] == f"00-{CALLER_TRACE}-{stream.span_id}-01"
     assert unary_call["headers"]["tracestate"] == "vendor=opaque"
     # The access log line names the trace and the span.
-    entries = [e for e in sidecar.access_log() if e.get("trace_id") == CALLER_TRACE]
+    deadline = time.monotonic() + 5  # the access log is flushed on its own timer
+    while len(entries := [e for e in sidecar.access_log() if e.get("trace_id") == CALLER_TRACE]) < 2:
+        assert time.monotonic() < deadline, "no access-log lines with the trace id"
+        time.sleep(0.05)
     assert {e["span_id"] for e in entries} == {unary.span_id, stream.span_id}
     assert collector[0].content_types[-1] == "application/x-protobuf"
 
