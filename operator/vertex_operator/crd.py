@@ -229,9 +229,18 @@ class Defaults:
 
 
 @dataclass(frozen=True)
+class TrustBundle:
+    """A ConfigMap key with the organisation's root CAs (PEM), added to the apps' CA bundle."""
+
+    config_map_name: str
+    key: str = "ca.crt"
+
+
+@dataclass(frozen=True)
 class Tls:
     enabled: bool = False
     port: int = DEFAULT_TLS_PORT
+    trust_bundle: TrustBundle | None = None
 
 
 @dataclass(frozen=True)
@@ -368,6 +377,15 @@ def _resources(f: _Fields) -> Mapping[str, Mapping[str, str]]:
     return result
 
 
+def _trust_bundle(f: _Fields) -> TrustBundle | None:
+    if not f.data:
+        return None
+    return TrustBundle(
+        config_map_name=f.string("configMapName", required=True, pattern=DNS_SUBDOMAIN_RE) or "",
+        key=f.string("key", "ca.crt", pattern=re.compile(r"^[-._a-zA-Z0-9]+$")) or "ca.crt",
+    )
+
+
 def _sidecar(f: _Fields) -> SidecarSettings:
     tls = f.sub("tls")
     settings = SidecarSettings(
@@ -378,6 +396,7 @@ def _sidecar(f: _Fields) -> SidecarSettings:
         tls=Tls(
             enabled=tls.boolean("enabled", False),
             port=tls.integer("port", DEFAULT_TLS_PORT, low=1024, high=65535) or DEFAULT_TLS_PORT,
+            trust_bundle=_trust_bundle(tls.sub("trustBundle")),
         ),
         resources=_resources(f.sub("resources")),
         native_sidecar=f.choice("nativeSidecar", ("auto", "true", "false"), "auto"),  # type: ignore[arg-type]

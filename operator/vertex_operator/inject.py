@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 from vertex_operator import isolation, render
 from vertex_operator.tracing import EffectiveTracing, TracingDefaults, effective_tracing, tracing_env
 from vertex_operator.crd import (
-    INJECT_ANNOTATION, ROUTE_ANNOTATION, Credential, Federation, Route, SecretKey,
+    INJECT_ANNOTATION, ROUTE_ANNOTATION, Credential, Federation, Route, SecretKey, TrustBundle,
 )
 
 CONTAINER_NAME = "vertex-sidecar"
@@ -30,8 +30,14 @@ KEY_VOLUME = "vertex-credential-key"
 ADMIN_PORT_NAME = "vertex-admin"
 SIDECAR_UID = 65532  # the distroless "nonroot" user; numeric so runAsNonRoot can verify it
 
+# Where each runtime looks for its CA roots. The bundle (public roots + the route's trust
+# bundle + the pod CA) replaces a runtime's roots; Node's variable adds to its own, so it
+# gets the pod CA alone.
+CA_BUNDLE_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH")
+CA_EXTRA_ENV = ("NODE_EXTRA_CA_CERTS",)
 APP_ENV_NAMES = ("GOOGLE_VERTEX_BASE_URL", "GOOGLE_GENAI_USE_VERTEXAI",
-                 "GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION", "SSL_CERT_FILE")
+                 "GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION", *CA_BUNDLE_ENV, *CA_EXTRA_ENV)
+TRUST_VOLUME = "vertex-sidecar-trust"
 
 # Native sidecars (init containers with restartPolicy: Always) are on by default from 1.29.
 NATIVE_SIDECAR_MIN_VERSION = (1, 29)
@@ -61,6 +67,7 @@ class SidecarPlan:
     project: str
     location: str
     isolation: str = isolation.COOPERATIVE
+    trust_bundle: TrustBundle | None = None  # with TLS: the organisation's roots for the bundle
     tracing: EffectiveTracing | None = None  # None: tracing off
 
     @property
@@ -83,6 +90,7 @@ class SidecarPlan:
             "image": self.image,
             "imagePullPolicy": self.image_pull_policy,
             "ports": [self.port, self.admin_port, self.tls_port if self.tls_enabled else None],
+            **({"trust": [self.trust_bundle.config_map_name, self.trust_bundle.key]} if self.trust_bundle else {}),
             "resources": self.resources,
             "native": self.native_setting,
             "credential": {
@@ -133,6 +141,7 @@ def plan_sidecar(route: Route, credential: Credential, *, default_image: str,
         location=route.defaults.location,
         isolation=credential.isolation,
         tracing=effective_tracing(sidecar.tracing, tracing_defaults),
+        trust_bundle=sidecar.tls.trust_bundle if sidecar.tls.enabled else None,
     )
 
 
@@ -150,6 +159,8 @@ def sidecar_container(plan: SidecarPlan) -> dict[str, Any]:
         mounts.append({"name": KEY_VOLUME, "mountPath": render.KEY_DIR, "readOnly": True})
     if plan.tls_enabled:
         mounts.append({"name": TLS_VOLUME, "mountPath": render.TLS_DIR})
+        if plan.trust_bundle is not None:
+            mounts.append({"name": TRUST_VOLUME, "mountPath": render.TRUST_DIR, "readOnly": True})
     ports = [{"name": ADMIN_PORT_NAME, "containerPort": plan.admin_port, "protocol": "TCP"}]
 
     def probe(path: str, period: int, failures: int) -> dict[str, Any]:
@@ -218,6 +229,10 @@ def sidecar_volumes(plan: SidecarPlan) -> list[dict[str, Any]]:
         }})
     if plan.tls_enabled:
         volumes.append({"name": TLS_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
+        if plan.trust_bundle is not None:
+            volumes.append({"name": TRUST_VOLUME, "configMap": {
+                "name": plan.trust_bundle.config_map_name,
+                "items": [{"key": plan.trust_bundle.key, "path": render.TRUST_FILE}]}})
     return volumes
 
 
@@ -229,7 +244,8 @@ def app_env(plan: SidecarPlan) -> list[dict[str, str]]:
         {"name": "GOOGLE_CLOUD_LOCATION", "value": plan.location},
     ]
     if plan.tls_enabled:
-        env.append({"name": "SSL_CERT_FILE", "value": render.TLS_CA_PATH})
+        env += [{"name": name, "value": render.TLS_CA_PATH} for name in CA_BUNDLE_ENV]
+        env += [{"name": name, "value": render.TLS_POD_CA_PATH} for name in CA_EXTRA_ENV]
     return env
 
 

@@ -30,7 +30,10 @@ FEDERATION_CONFIG_FILE = "credential-configuration.json"
 FEDERATION_TOKEN_FILE = "token"
 TLS_DIR = "/var/run/vertex-sidecar/tls"
 TLS_CA_FILE = "ca.crt"
-TLS_CA_PATH = f"{TLS_DIR}/{TLS_CA_FILE}"
+TLS_CA_PATH = f"{TLS_DIR}/{TLS_CA_FILE}"  # the bundle: public roots + trust bundle + pod CA
+TLS_POD_CA_PATH = f"{TLS_DIR}/pod-ca.crt"  # the pod-local CA alone (NODE_EXTRA_CA_CERTS)
+TRUST_DIR = "/etc/vertex-sidecar/trust"  # the route's trustBundle ConfigMap, in the sidecar only
+TRUST_FILE = "roots.pem"
 
 
 class RenderError(ValueError):
@@ -68,10 +71,10 @@ def tls_settings(route: Route) -> dict[str, Any]:
     """
     if not route.sidecar.tls.enabled:
         return {}
-    return {
-        "tls_listen": f"127.0.0.1:{route.sidecar.tls.port}",
-        "tls": {"ca_bundle_path": TLS_CA_PATH},
-    }
+    tls: dict[str, Any] = {"ca_bundle_path": TLS_CA_PATH, "ca_cert_path": TLS_POD_CA_PATH}
+    if route.sidecar.tls.trust_bundle is not None:
+        tls["extra_roots_file"] = f"{TRUST_DIR}/{TRUST_FILE}"
+    return {"tls_listen": f"127.0.0.1:{route.sidecar.tls.port}", "tls": tls}
 
 
 def _limits(rule: Rule) -> dict[str, int]:

@@ -172,6 +172,12 @@ class TlsSettings:
     state_dir: str | None = None  # default: $TMPDIR/vertex-sidecar-tls
     ca_bundle_path: str | None = None  # default: <state_dir>/ca-bundle.pem
     system_ca_file: str | None = None  # default: the system's bundle (OpenSSL default paths)
+    # More roots for the bundle, after the system ones: the organisation's CAs (corporate
+    # proxies, internal services), which the sidecar image does not have.
+    extra_roots_file: str | None = None
+    # The CA alone (pod-local, or ca_file), for runtimes that add it to their own roots
+    # (Node's NODE_EXTRA_CA_CERTS) instead of replacing them.
+    ca_cert_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -570,7 +576,8 @@ def _live(section: _Section, base: LiveLimits) -> LiveLimits:
 
 def _tls(section: _Section) -> TlsSettings:
     result = TlsSettings(**{name: section.string(name) for name in (
-        "cert_file", "key_file", "ca_file", "state_dir", "ca_bundle_path", "system_ca_file")})
+        "cert_file", "key_file", "ca_file", "state_dir", "ca_bundle_path", "system_ca_file",
+        "extra_roots_file", "ca_cert_path")})
     if (result.cert_file is None) != (result.key_file is None):
         raise ConfigError(f"{section.where('cert_file')}: cert_file and key_file go together "
                           "(or leave both out and the sidecar issues its own from a pod-local CA)")

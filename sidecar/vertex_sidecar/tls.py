@@ -132,7 +132,11 @@ def prepare_tls(settings: TlsSettings, *, now: dt.datetime | None = None,
         if not system:
             log.warning("no system CA bundle found (set tls.system_ca_file): %s holds only the sidecar's CA, so "
                         "apps using it as SSL_CERT_FILE can reach nothing else over TLS", bundle_path)
+        if settings.extra_roots_file:
+            roots = _joined(roots, _read_pem(settings.extra_roots_file, "tls.extra_roots_file"))
         write_bundle(bundle_path, roots, trust)
+        if settings.ca_cert_path and trust:
+            write_public(Path(settings.ca_cert_path), trust)
     except TlsError:
         raise
     except OSError as exc:
@@ -222,9 +226,14 @@ def find_system_roots(explicit: str | None = None, *, exclude: Path | None = Non
     return None
 
 
+def _joined(*parts: bytes) -> bytes:
+    """PEM files one after the other, each ending in a newline (a PEM file may not)."""
+    return b"".join(part if part.endswith(b"\n") else part + b"\n" for part in parts if part)
+
+
 def write_bundle(path: Path, system_roots: bytes, extra: bytes) -> None:
-    """System roots first, then ours, each ending in a newline (a PEM file may not)."""
-    body = b"".join(part if part.endswith(b"\n") else part + b"\n" for part in (system_roots, extra) if part)
+    """System roots first, then ours."""
+    body = _joined(system_roots, extra)
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, body, 0o644)
 

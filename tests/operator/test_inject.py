@@ -241,6 +241,29 @@ def test_tls_shares_the_ca_bundle_with_app_containers() -> None:
     assert {"name": "vertex-sidecar-tls", "mountPath": "/var/run/vertex-sidecar/tls"} in sidecar_of(pod)["volumeMounts"]
 
 
+def test_every_runtime_is_pointed_at_the_ca_and_the_containers_own_values_win() -> None:
+    plan = make_plan({"sidecar": {"tls": {"enabled": True, "trustBundle": {"configMapName": "corp-roots",
+                                                                           "key": "bundle.pem"}}}})
+    own = {"name": "app", "image": "app:1", "env": [{"name": "NODE_EXTRA_CA_CERTS", "value": "/corp/ca.pem"},
+                                                   {"name": "REQUESTS_CA_BUNDLE", "value": "/corp/all.pem"}]}
+    pod = apply(make_pod(containers=[own, {"name": "b", "image": "b:1"}]), plan)
+    first, second = pod["spec"]["containers"]
+    bundle, pod_ca = "/var/run/vertex-sidecar/tls/ca.crt", "/var/run/vertex-sidecar/tls/pod-ca.crt"
+    assert {k: v for k, v in env_of(second).items() if k.endswith(("_CERTS", "_FILE", "_BUNDLE", "_PATH"))} == {
+        "SSL_CERT_FILE": bundle, "REQUESTS_CA_BUNDLE": bundle, "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": bundle,
+        "NODE_EXTRA_CA_CERTS": pod_ca}
+    assert env_of(first)["NODE_EXTRA_CA_CERTS"] == "/corp/ca.pem" and env_of(first)["REQUESTS_CA_BUNDLE"] == "/corp/all.pem"
+    assert env_of(first)["SSL_CERT_FILE"] == bundle
+    # The organisation's roots reach the sidecar only (it writes them into the bundle).
+    trust = {"name": "vertex-sidecar-trust", "configMap": {"name": "corp-roots",
+                                                           "items": [{"key": "bundle.pem", "path": "roots.pem"}]}}
+    assert trust in pod["spec"]["volumes"]
+    assert {"name": "vertex-sidecar-trust", "mountPath": "/etc/vertex-sidecar/trust", "readOnly": True} in (
+        sidecar_of(pod)["volumeMounts"])
+    assert not any(m["name"] == "vertex-sidecar-trust" for c in (first, second) for m in c.get("volumeMounts", []))
+    assert plan.config_hash != make_plan({"sidecar": {"tls": {"enabled": True}}}).config_hash
+
+
 def test_custom_ports_image_and_resources() -> None:
     plan = make_plan({"sidecar": {"image": "own:2", "imagePullPolicy": "Always", "port": 5000,
                                   "adminPort": 9500, "resources": {"limits": {"memory": "1Gi", "cpu": 1}}}})

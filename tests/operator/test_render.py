@@ -110,9 +110,12 @@ def test_hash_is_stable_and_follows_content() -> None:
 
 def test_tls_settings() -> None:
     route = parse_route(o.route(sidecar={"tls": {"enabled": True, "port": 4443}}))
-    assert render.tls_settings(route) == {"tls_listen": "127.0.0.1:4443",
-                                          "tls": {"ca_bundle_path": "/var/run/vertex-sidecar/tls/ca.crt"}}
+    assert render.tls_settings(route) == {"tls_listen": "127.0.0.1:4443", "tls": {
+        "ca_bundle_path": "/var/run/vertex-sidecar/tls/ca.crt", "ca_cert_path": "/var/run/vertex-sidecar/tls/pod-ca.crt"}}
     assert render.tls_settings(parse_route(o.route())) == {}
+    trusted = parse_route(o.route(sidecar={"tls": {"enabled": True, "trustBundle": {"configMapName": "corp-roots"}}}))
+    assert render.tls_settings(trusted)["tls"]["extra_roots_file"] == "/etc/vertex-sidecar/trust/roots.pem"
+    assert parse_config(render.render(trusted, parse_credential(o.credential())).config).tls.extra_roots_file
 
 
 def test_tls_route_renders_listener_and_ca_bundle() -> None:

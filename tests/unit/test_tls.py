@@ -288,3 +288,21 @@ def test_the_proxy_needs_the_pod_local_ca(tmp_path: Path) -> None:
                     intercept=("aiplatform.googleapis.com",))
     with pytest.raises(ConfigError, match="proxy_listen"):
         parse_config_text("proxy_listen: 127.0.0.1:4080\ntls: {cert_file: /c.pem, key_file: /k.pem}\n")
+
+
+def test_organisation_roots_join_the_bundle_and_the_ca_is_written_alone(tmp_path: Path) -> None:
+    # A corporate root (here another pod-local CA stands in for it) that the sidecar image lacks.
+    corporate = tmp_path / "corporate.pem"
+    corporate.write_bytes(Path(prepare_tls(settings(tmp_path / "corp")).ca_cert_file or "").read_bytes())
+    alone = tmp_path / "shared" / "pod-ca.crt"
+    files = prepare_tls(settings(tmp_path, extra_roots_file=str(corporate), ca_cert_path=str(alone)))
+    bundle = Path(files.ca_bundle_path).read_bytes()
+    ours = Path(files.ca_cert_file or "").read_bytes()
+    assert corporate.read_bytes() in bundle and bundle.endswith(ours)
+    assert bundle.count(b"BEGIN CERTIFICATE") == (SYSTEM and Path(SYSTEM).read_bytes().count(b"BEGIN CERTIFICATE") or 0) + 2
+    # NODE_EXTRA_CA_CERTS: only the pod CA (Node adds it to its own roots).
+    assert alone.read_bytes() == ours and alone.stat().st_mode & 0o777 == 0o644
+    handshake(files.cert_file, files.key_file, str(alone), "localhost")
+    with pytest.raises(TlsError, match="tls.extra_roots_file"):
+        prepare_tls(settings(tmp_path, extra_roots_file=str(tmp_path / "missing.pem")))
+    assert parse_config_text("tls: {extra_roots_file: /t/r.pem, ca_cert_path: /c/ca.crt}").tls.ca_cert_path == "/c/ca.crt"
