@@ -309,6 +309,26 @@ def test_upstream_trailers_never_become_response_headers(rig: Rig) -> None:
     assert_serves(rig)
 
 
+async def test_a_post_is_resent_when_nothing_of_it_was_written() -> None:
+    """In process: a pooled connection whose transport is already closing when the request
+    comes (the close was seen, its callback not yet run) gets nothing written, so the POST
+    goes out once on a fresh connection."""
+    with running_faulty_server() as faulty:
+        pool = UpstreamPool()
+        origin = Origin("http", "127.0.0.1", faulty.port)
+        target = "/v1/projects/p/locations/us-central1/publishers/google/models/gemini:generateContent"
+        try:
+            await (await pool.request(origin, "POST", target, [], b"{}")).read()  # leaves one idle connection
+            [idle] = pool._idle[origin]
+            assert idle.transport is not None
+            idle.transport.close()
+            response = await pool.request(origin, "POST", target, [], b"{}")
+            assert response.status == 200 and json.loads(await response.read())["echo"]["index_on_connection"] == 1
+            assert faulty.stats.requests["ok"] == 2 and faulty.stats.connections == 2
+        finally:
+            await pool.aclose()
+
+
 async def test_a_streamed_upload_must_match_its_declared_content_length() -> None:
     """In process, at the client's interface: fewer bytes than declared abort the upstream
     request (it must never look complete, nor wait for bytes that never come); more are
