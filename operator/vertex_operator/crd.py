@@ -45,6 +45,7 @@ DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?$")
 DEFAULT_PORT = 4000
 DEFAULT_ADMIN_PORT = 9464
 DEFAULT_TLS_PORT = 4443
+PROXY_PORT = 4080  # the forward proxy of `spec.sidecar.interception` (zero-code-change mode)
 # From the bench: ~40 MB idle, ~57 MB at 64 concurrent, < 80 MB with 1,000 open streams;
 # no CPU while idle. No CPU limit: throttling would add latency to every call.
 DEFAULT_RESOURCES: Mapping[str, Mapping[str, str]] = {
@@ -283,6 +284,7 @@ class SidecarSettings:
     native_sidecar: NativeSidecar = "auto"
     rollout_strategy: RolloutStrategy = "Workload"
     tracing: Tracing = field(default_factory=Tracing)
+    interception: bool = False  # the HTTPS forward proxy; apps get HTTPS_PROXY and the CA bundle
 
 
 @dataclass(frozen=True)
@@ -402,12 +404,16 @@ def _sidecar(f: _Fields) -> SidecarSettings:
         native_sidecar=f.choice("nativeSidecar", ("auto", "true", "false"), "auto"),  # type: ignore[arg-type]
         rollout_strategy=f.choice("rolloutStrategy", ("Workload", "None"), "Workload"),  # type: ignore[arg-type]
         tracing=_tracing(f.sub("tracing")),
+        interception=f.boolean("interception", False),
     )
     if settings.image_pull_policy not in (None, "Always", "IfNotPresent", "Never"):
         raise SpecError(f"{f.at('imagePullPolicy')}: must be Always, IfNotPresent or Never")
     ports = [settings.port, settings.admin_port] + ([settings.tls.port] if settings.tls.enabled else [])
+    ports += [PROXY_PORT] if settings.interception else []
     if len(set(ports)) != len(ports):
-        raise SpecError(f"{f.path}: port, adminPort and tls.port must all differ (got {ports})")
+        raise SpecError(f"{f.path}: port, adminPort and tls.port must all differ"
+                        f"{f' (and from {PROXY_PORT}, the interception proxy)' if settings.interception else ''} "
+                        f"(got {ports})")
     return settings
 
 

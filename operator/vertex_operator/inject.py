@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from vertex_operator import isolation, render
+from vertex_operator import interception, isolation, render
 from vertex_operator.tracing import EffectiveTracing, TracingDefaults, effective_tracing, tracing_env
 from vertex_operator.crd import (
-    INJECT_ANNOTATION, ROUTE_ANNOTATION, Credential, Federation, Route, SecretKey, TrustBundle,
+    INJECT_ANNOTATION, PROXY_PORT, ROUTE_ANNOTATION, Credential, Federation, Route, SecretKey, TrustBundle,
 )
 
 CONTAINER_NAME = "vertex-sidecar"
@@ -69,6 +69,12 @@ class SidecarPlan:
     isolation: str = isolation.COOPERATIVE
     trust_bundle: TrustBundle | None = None  # with TLS: the organisation's roots for the bundle
     tracing: EffectiveTracing | None = None  # None: tracing off
+    interception: bool = False  # the forward proxy: HTTPS_PROXY and the CA bundle on app containers
+
+    @property
+    def shares_ca_bundle(self) -> bool:
+        """Whether app containers mount the volume with the pod-local CA bundle."""
+        return self.tls_enabled or self.interception
 
     @property
     def base_url(self) -> str:
@@ -105,6 +111,8 @@ class SidecarPlan:
         }
         if self.tracing is not None:  # only when on: pods without tracing keep their hash
             hashed["tracing"] = self.tracing.restart_key
+        if self.interception:  # likewise
+            hashed["interception"] = PROXY_PORT
         return render.stable_hash(hashed)
 
 
@@ -141,7 +149,9 @@ def plan_sidecar(route: Route, credential: Credential, *, default_image: str,
         location=route.defaults.location,
         isolation=credential.isolation,
         tracing=effective_tracing(sidecar.tracing, tracing_defaults),
-        trust_bundle=sidecar.tls.trust_bundle if sidecar.tls.enabled else None,
+        # The organisation's roots join the bundle, which interception shares too.
+        trust_bundle=sidecar.tls.trust_bundle if sidecar.tls.enabled or sidecar.interception else None,
+        interception=sidecar.interception,
     )
 
 
@@ -157,7 +167,7 @@ def sidecar_container(plan: SidecarPlan) -> dict[str, Any]:
         mounts.append({"name": FEDERATION_VOLUME, "mountPath": render.FEDERATION_DIR, "readOnly": True})
     if plan.secret is not None:
         mounts.append({"name": KEY_VOLUME, "mountPath": render.KEY_DIR, "readOnly": True})
-    if plan.tls_enabled:
+    if plan.shares_ca_bundle:
         mounts.append({"name": TLS_VOLUME, "mountPath": render.TLS_DIR})
         if plan.trust_bundle is not None:
             mounts.append({"name": TRUST_VOLUME, "mountPath": render.TRUST_DIR, "readOnly": True})
@@ -227,7 +237,7 @@ def sidecar_volumes(plan: SidecarPlan) -> list[dict[str, Any]]:
             "items": [{"key": plan.secret.key, "path": render.KEY_FILE}],
             "defaultMode": 0o444,
         }})
-    if plan.tls_enabled:
+    if plan.shares_ca_bundle:
         volumes.append({"name": TLS_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
         if plan.trust_bundle is not None:
             volumes.append({"name": TRUST_VOLUME, "configMap": {
@@ -246,7 +256,30 @@ def app_env(plan: SidecarPlan) -> list[dict[str, str]]:
     if plan.tls_enabled:
         env += [{"name": name, "value": render.TLS_CA_PATH} for name in CA_BUNDLE_ENV]
         env += [{"name": name, "value": render.TLS_POD_CA_PATH} for name in CA_EXTRA_ENV]
+    if plan.interception:
+        if not plan.tls_enabled:  # the same CA variables as with the TLS listener
+            env += [{"name": name, "value": render.TLS_CA_PATH} for name in CA_BUNDLE_ENV]
+            env += [{"name": name, "value": render.TLS_POD_CA_PATH} for name in CA_EXTRA_ENV]
+        env += interception.proxy_env(PROXY_PORT)
     return env
+
+
+def interception_warnings(pod_spec: Mapping[str, Any], plan: SidecarPlan) -> list[str]:
+    """App containers whose own proxy or CA settings win over the interception ones."""
+    if not plan.interception:
+        return []
+    containers = list(pod_spec.get("containers") or [])
+    if plan.native:
+        containers += list(pod_spec.get("initContainers") or [])
+    ours = {e["name"]: e["value"] for e in app_env(plan) if e["name"] in interception.ALL_VARS}
+    warnings = []
+    for container in containers:
+        if container.get("name") == CONTAINER_NAME:
+            continue
+        names = interception.overrides(container, ours)
+        if names:
+            warnings.append(interception.warning(str(container.get("name")), names))
+    return warnings
 
 
 # ------------------------------------------------------------------ decisions
@@ -319,8 +352,10 @@ def _app_container_ops(patch: JsonPatch, path: tuple[str | int, ...], container:
     env = container.get("env")
     present = {e.get("name") for e in env or []}
     # The container's own values win: a developer can point one container elsewhere.
+    if plan.interception:  # ...but its NO_PROXY is extended with localhost and the cluster's domains
+        patch += interception.no_proxy_ops(env, _pointer(*path, "env"))
     _append(patch, (*path, "env"), env, [e for e in app_env(plan) if e["name"] not in present])
-    if plan.tls_enabled:
+    if plan.shares_ca_bundle:
         mounts = container.get("volumeMounts")
         if not any(m.get("name") == TLS_VOLUME for m in mounts or []):
             _append(patch, (*path, "volumeMounts"), mounts,
@@ -409,4 +444,5 @@ def inject(pod: Mapping[str, Any], plan: SidecarPlan, pull_secrets: Sequence[str
     else:
         # Last, so that `kubectl logs`/`exec` keep defaulting to the app container.
         _append(patch, ("spec", "containers"), spec.get("containers"), [sidecar])
-    return Injection(patch=patch, service_account=switched)
+    return Injection(patch=patch, service_account=switched, warnings=[
+        f"VertexRoute {plan.route_name!r}: {w}" for w in interception_warnings(spec, plan)])

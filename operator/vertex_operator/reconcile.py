@@ -223,6 +223,8 @@ def plan_namespace(records: Iterable[RouteRecord], credentials: Iterable[Credent
             state = plan.states[win.name]
             if state.plan is not None:
                 warnings[win.name].extend(f"{w.ref}: {p}" for p in inject.blockers(w.template_spec, state.plan))
+                warnings[win.name].extend(f"{w.ref}: {p}"
+                                          for p in inject.interception_warnings(w.template_spec, state.plan))
         patch = _workload_decision(w, chosen, plan.states, by_name)
         if patch is not None:
             plan.workload_patches.append(patch)

@@ -17,7 +17,7 @@ import yaml
 
 from vertex_sidecar.config import NAME_RE, ConfigError, parse_config
 
-from vertex_operator.crd import UPSTREAM_KEYS, Credential, Route, Rule
+from vertex_operator.crd import PROXY_PORT, UPSTREAM_KEYS, Credential, Route, Rule
 from vertex_operator.tracing import EffectiveTracing
 
 CONFIG_DIR = "/etc/vertex-sidecar"
@@ -69,12 +69,18 @@ def tls_settings(route: Route) -> dict[str, Any]:
     the sidecar writes its pod-local CA there and `inject` points `SSL_CERT_FILE` at it.
     Kept in one function so that the key can follow the sidecar's schema.
     """
-    if not route.sidecar.tls.enabled:
+    settings: dict[str, Any] = {}
+    if route.sidecar.tls.enabled:
+        settings["tls_listen"] = f"127.0.0.1:{route.sidecar.tls.port}"
+    if route.sidecar.interception:  # the forward proxy's leaves come from the same pod-local CA
+        settings["proxy_listen"] = f"127.0.0.1:{PROXY_PORT}"
+    if not settings:
         return {}
     tls: dict[str, Any] = {"ca_bundle_path": TLS_CA_PATH, "ca_cert_path": TLS_POD_CA_PATH}
     if route.sidecar.tls.trust_bundle is not None:
         tls["extra_roots_file"] = f"{TRUST_DIR}/{TRUST_FILE}"
-    return {"tls_listen": f"127.0.0.1:{route.sidecar.tls.port}", "tls": tls}
+    settings["tls"] = tls
+    return settings
 
 
 def _limits(rule: Rule) -> dict[str, int]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Protocol, TypeVar
 
+from vertex_operator import interception
+
 Operator = Literal["In", "NotIn", "Exists", "DoesNotExist"]
 OPERATORS: tuple[str, ...] = ("In", "NotIn", "Exists", "DoesNotExist")
 
@@ -131,6 +133,12 @@ def workload_from_body(kind: str, body: Mapping[str, Any]) -> Workload:
     kept: dict[str, Any] = {k: spec[k] for k in ("hostNetwork", "serviceAccountName", "serviceAccount") if k in spec}
     if spec.get("volumes"):
         kept["volumes"] = [{"name": v.get("name")} for v in spec["volumes"]]
+    # Containers' own proxy / CA settings (they override interception: the route's status warns).
+    for key in ("containers", "initContainers"):
+        own = [{"name": c.get("name"), "env": [e for e in c.get("env") or [] if e.get("name") in interception.ALL_VARS]}
+               for c in spec.get(key) or []]
+        if any(c["env"] for c in own):
+            kept[key] = own
     return Workload(
         kind=kind,
         namespace=meta.get("namespace") or "",

@@ -307,3 +307,63 @@ def test_pull_secrets_of_the_new_account_are_added_once() -> None:
     patched = jsonpatch.apply_patch(copy.deepcopy(pod), result.patch)
     assert patched["spec"]["imagePullSecrets"] == [{"name": "a"}, {"name": "b"}]
     assert inject.pull_secret_ops({}, []) == []
+
+
+# ------------------------------------------------------- interception (zero-code-change mode)
+
+CA = "/var/run/vertex-sidecar/tls/ca.crt"
+
+
+def test_interception_sets_proxy_and_ca_bundle_env_and_shares_the_bundle() -> None:
+    plan = make_plan({"sidecar": {"interception": True}})
+    pod = apply(make_pod(initContainers=[{"name": "migrate", "image": "m:1"}]), plan)
+    for container in (pod["spec"]["containers"][0], pod["spec"]["initContainers"][1]):  # native: init too
+        env = env_of(container)
+        assert env["HTTPS_PROXY"] == env["https_proxy"] == "http://127.0.0.1:4080"
+        assert env["NO_PROXY"] == env["no_proxy"] == "localhost,127.0.0.1,::1,.svc,.svc.cluster.local,.cluster.local"
+        assert env["NODE_USE_ENV_PROXY"] == "1"
+        assert all(env[name] == CA for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE",
+                                                "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"))
+        assert env["NODE_EXTRA_CA_CERTS"] == "/var/run/vertex-sidecar/tls/pod-ca.crt"  # Node adds it to its roots
+        assert env["GOOGLE_GENAI_USE_VERTEXAI"] == "true" and env["GOOGLE_CLOUD_LOCATION"]  # bare SDK clients
+        assert {"name": "vertex-sidecar-tls", "mountPath": "/var/run/vertex-sidecar/tls", "readOnly": True} in (
+            container["volumeMounts"])
+    assert "HTTPS_PROXY" not in env_of(sidecar_of(pod))  # the sidecar itself dials Google directly
+    assert {"name": "vertex-sidecar-tls", "mountPath": "/var/run/vertex-sidecar/tls"} in sidecar_of(pod)["volumeMounts"]
+    assert "HTTPS_PROXY" not in env_of(apply(make_pod(), make_plan())["spec"]["containers"][0])  # off by default
+
+
+def test_interception_keeps_and_extends_no_proxy_and_the_containers_own_values_win() -> None:
+    plan = make_plan({"sidecar": {"interception": True}})
+    app = {"name": "app", "image": "app:1", "env": [
+        {"name": "NO_PROXY", "value": "internal.example.com, localhost"},
+        {"name": "HTTPS_PROXY", "value": "http://corp-proxy:3128"},
+        {"name": "no_proxy", "valueFrom": {"configMapKeyRef": {"name": "proxy", "key": "no_proxy"}}},
+    ]}
+    pod_in = make_pod(containers=[app, {"name": "worker", "image": "w:1"}])
+    result = inject.inject(pod_in, plan)
+    pod = jsonpatch.apply_patch(copy.deepcopy(pod_in), result.patch)
+    env = env_of(pod["spec"]["containers"][0])
+    assert env["NO_PROXY"] == "internal.example.com,localhost,127.0.0.1,::1,.svc,.svc.cluster.local,.cluster.local"
+    assert env["HTTPS_PROXY"] == "http://corp-proxy:3128" and env["https_proxy"] == "http://127.0.0.1:4080"
+    assert [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == "no_proxy"] == [app["env"][2]]
+    assert env_of(pod["spec"]["containers"][1])["HTTPS_PROXY"] == "http://127.0.0.1:4080"
+    assert result.warnings == ["VertexRoute 'gemini': container 'app' sets HTTPS_PROXY, no_proxy itself: its value "
+                               "wins, so its HTTPS calls may not go through the sidecar's proxy (or may not trust "
+                               "its CA)"]
+    assert inject.interception_warnings(pod_in["spec"], make_plan()) == []
+
+
+def test_interception_renders_the_proxy_listener_and_needs_a_free_port() -> None:
+    from vertex_operator import render
+    from vertex_operator.crd import SpecError
+
+    route = parse_route(o.route(sidecar={"interception": True}))
+    settings = render.tls_settings(route)
+    assert settings == {"proxy_listen": "127.0.0.1:4080", "tls": {
+        "ca_bundle_path": CA, "ca_cert_path": "/var/run/vertex-sidecar/tls/pod-ca.crt"}}
+    from vertex_operator import interception
+    assert set(interception.CA_VARS) == {*inject.CA_BUNDLE_ENV, *inject.CA_EXTRA_ENV}
+    assert make_plan({"sidecar": {"interception": True}}).config_hash != make_plan().config_hash
+    with pytest.raises(SpecError, match="4080"):
+        parse_route(o.route(sidecar={"interception": True, "port": 4080}))

@@ -185,3 +185,14 @@ def test_volume_clash_is_reported() -> None:
     result = plan([o.route()], workloads=[clash])
     assert result.workload_patches == []
     assert "vertex-sidecar-tmp" in result.statuses["gemini"]["warnings"][0]
+
+
+def test_interception_overridden_by_a_workload_is_a_status_warning() -> None:
+    own_proxy = o.deployment(containers=[{"name": "app", "image": "app:1",
+                                          "env": [{"name": "SSL_CERT_FILE", "value": "/etc/ssl/mine.pem"}]}])
+    result = plan([o.route(sidecar={"interception": True})], workloads=[own_proxy])
+    (warning,) = result.statuses["gemini"]["warnings"]
+    assert warning.startswith("Deployment/chat: container 'app' sets SSL_CERT_FILE itself")
+    assert result.workload_patches[0].reason == "configure"  # still injected: its own value wins
+    assert "warnings" not in plan([o.route()], workloads=[own_proxy]).statuses["gemini"] or (
+        plan([o.route()], workloads=[own_proxy]).statuses["gemini"]["warnings"] == [])
