@@ -15,6 +15,7 @@ from typing import Iterator
 import pytest
 import requests
 
+from tests.chart.tools import missing
 from vertex_sidecar.config import TlsSettings
 from vertex_sidecar.tls import TlsFiles, prepare_tls
 
@@ -61,7 +62,7 @@ def test_requests_trusts_the_sidecar_through_the_bundle(files: TlsFiles, server:
 def test_node_trusts_the_sidecar_through_the_pod_ca_alone(files: TlsFiles, server: int) -> None:
     node = shutil.which("node")
     if node is None:
-        pytest.skip("node is not installed")
+        missing("node (Debian package nodejs)")
     script = (f"require('https').get('https://localhost:{server}/', r => {{ let b=''; r.on('data', d => b += d); "
               "r.on('end', () => console.log(r.statusCode, b)); }).on('error', e => { console.log('ERR', e.code); });")
     without = subprocess.run([node, "-e", script], capture_output=True, text=True, timeout=30)
