@@ -211,6 +211,30 @@ def test_httpx_requests_openai_and_anthropic_sdks(shared: SidecarProcess, emulat
     assert log[3]["model"] == "claude-sonnet-4-5@20250929" and log[3]["tokens"]["output_tokens"] > 0
 
 
+def test_the_same_clients_in_base_url_mode(shared: SidecarProcess, emulator: ServerHandle) -> None:
+    """The README's other column: each client pointed at the sidecar's base URL instead (no proxy)."""
+    import anthropic
+    import openai
+
+    placeholder = "placeholder-the-sidecar-replaces-it"
+    base = shared.base_url  # http://127.0.0.1:PORT/vertex_ai
+    response = requests.post(base + GEN_PATH, json=PROMPT, timeout=10)
+    assert response.status_code == 200 and "through the proxy" in response.text
+    oai = openai.OpenAI(base_url=f"{base}/v1/projects/{PROJECT}/locations/{LOCATION}/endpoints/openapi",
+                        api_key=placeholder)
+    completion = oai.chat.completions.create(model="google/gemini-2.5-flash",
+                                             messages=[{"role": "user", "content": "openai via base url"}])
+    assert "openai via base url" in (completion.choices[0].message.content or "")
+    oai.close()
+    claude = anthropic.AnthropicVertex(base_url=f"{base}/v1", region=LOCATION, project_id=PROJECT,
+                                       access_token=placeholder)
+    message = claude.messages.create(model="claude-sonnet-4-5@20250929", max_tokens=32,
+                                     messages=[{"role": "user", "content": "claude via base url"}])
+    assert "claude via base url" in "".join(getattr(block, "text", "") for block in message.content)
+    claude.close()
+    assert_sidecar_token(upstream_requests(emulator)[-1], placeholder)
+
+
 def test_location_of_the_host_must_match_the_path(shared: SidecarProcess, emulator: ServerHandle, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     sidecar = shared
