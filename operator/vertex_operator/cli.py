@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-namespace", action="append", default=[], metavar="NAMESPACE",
                    help="another namespace that is never injected (repeatable; list those that the webhook "
                         "configuration leaves out, so that routes there say so instead of rolling workloads)")
+    p.add_argument("--write-namespace", action="append", default=[], metavar="NAMESPACE",
+                   help="with --all-namespaces: a namespace where the operator's RBAC lets it write (repeatable; the "
+                        "chart passes rbac.workloadNamespaces). Routes and credentials elsewhere report that they "
+                        "are not served; an empty value alone: nowhere. Without it: every namespace")
     p.add_argument("--metrics-addr", default="0.0.0.0")
     p.add_argument("--metrics-port", type=int, default=8081, help="Prometheus /metrics port; -1 disables")
     p.add_argument("--resync-interval", type=float, default=300.0, metavar="SECONDS",
@@ -114,6 +118,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
         binding_recheck_seconds=args.binding_recheck_seconds,
         extra_excluded_namespaces=frozenset(args.exclude_namespace),
         policy=load_policy(args.policy_file),
+        # An empty --write-namespace= (the chart with no rbac.workloadNamespaces): nowhere.
+        write_namespaces=frozenset(filter(None, args.write_namespace)) if args.write_namespace else None,
         tracing=TracingDefaults(enabled=args.tracing, endpoint=args.tracing_endpoint,
                                 sample_ratio=args.tracing_sample_ratio),
     )

@@ -200,7 +200,8 @@ class Controller:
 
     def _options_for(self, namespace: str) -> reconcile.Options:
         return dataclasses.replace(self.reconcile_options,
-                                   namespace_excluded=namespace in self.options.excluded_namespaces)
+                                   namespace_excluded=namespace in self.options.excluded_namespaces,
+                                   namespace_unwritable=not self.options.may_write(namespace))
 
     async def _apply_config_map(self, state: reconcile.RouteState) -> None:
         record, rendered = state.record, state.rendered
@@ -279,6 +280,8 @@ class Controller:
         `pull_secrets`: those of the account the pod is switched to (see `pull_secrets`)."""
         if namespace in self.options.excluded_namespaces:
             return inject.Injection(reason=f"namespace {namespace} is never injected")
+        if not self.options.may_write(namespace):  # its ConfigMap cannot exist: the pod would not start
+            return inject.Injection(reason=reconcile.unwritable_message(namespace))
         labels = (pod.get("metadata") or {}).get("labels") or {}
         active = [r for r in indexes.routes(namespace) if r.route is not None and not r.deleting]
         chosen = selecting(active, labels)

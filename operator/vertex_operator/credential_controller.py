@@ -191,7 +191,8 @@ class CredentialController:
         ledger = self._ledger(uid, status)
 
         # The platform team's bounds first: out of them, nothing is created or granted.
-        refusal = policy.spec_refusal(self.options.policy, credential, self.options.excluded_namespaces)
+        refusal = policy.spec_refusal(self.options.policy, credential, self.options.excluded_namespaces,
+                                      writable=self.options.may_write(namespace))
         identity, lookup_error = (Identity(None), None) if refusal else await self._identity(credential)
         refusal = refusal or policy.grant_refusal(self.options.policy, credential, identity.grants)
         if refusal:

@@ -45,6 +45,12 @@ class Options:
     extra_excluded_namespaces: frozenset[str] = field(default_factory=frozenset)
     # The platform team's bounds (--policy-file); the defaults refuse every automatic grant.
     policy: Policy = field(default_factory=Policy)
+    # --write-namespace: where the operator's RBAC lets it write (ConfigMaps, ServiceAccounts,
+    # workload patches) when it watches every namespace; None: everywhere it watches.
+    write_namespaces: frozenset[str] | None = None
+
+    def may_write(self, namespace: str) -> bool:
+        return self.write_namespaces is None or namespace in self.write_namespaces
     # Tracing for routes whose spec.sidecar.tracing does not say (chart sidecar.tracing.*).
     tracing: TracingDefaults = field(default_factory=TracingDefaults)
 

@@ -204,12 +204,16 @@ def _pinned_pool(policy: Policy) -> str | None:
     return workload_pool(policy.workload_identity_project) if policy.workload_identity_project else None
 
 
-def spec_refusal(policy: Policy, credential: Any, excluded_namespaces: Iterable[str] = ()) -> Refusal:
+def spec_refusal(policy: Policy, credential: Any, excluded_namespaces: Iterable[str] = (),
+                 writable: bool = True) -> Refusal:
     """What the spec alone shows is out of bounds (checked before any Google call)."""
     problems: list[str] = []
     if credential.namespace in set(excluded_namespaces):
         problems.append(f"namespace {credential.namespace} is a system namespace or the operator's own, where "
                         "credentials are never served")
+    elif not writable:
+        problems.append(f"the operator may not write in namespace {credential.namespace} (the platform team adds "
+                        "it to the chart value rbac.workloadNamespaces)")
     if credential.binding_backend not in AUTOMATIC_BACKENDS:
         return Refusal(tuple(problems))
     for role in credential.binding_roles or (DEFAULT_ROLE,):

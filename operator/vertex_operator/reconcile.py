@@ -93,7 +93,14 @@ class Options:
     server_version: tuple[int, int] | None = None
     namespace_excluded: bool = False  # a namespace the webhook never injects (system, the operator's own)
     policy: Policy = field(default_factory=Policy)  # the platform team's bounds (upstreams, images)
+    namespace_unwritable: bool = False  # the operator's RBAC does not let it write there (--write-namespace)
     tracing: TracingDefaults = field(default_factory=TracingDefaults)  # chart sidecar.tracing.*
+
+
+def unwritable_message(namespace: str) -> str:
+    return (f"The operator may not write in namespace {namespace!r} (its RBAC grants that per namespace): "
+            "nothing is rendered, injected or created here. The platform team adds the namespace to the chart "
+            "value rbac.workloadNamespaces.")
 
 
 @dataclass
@@ -121,6 +128,9 @@ def evaluate(record: RouteRecord, credentials: Iterable[CredentialRecord], optio
                    "own): its pods never get the sidecar, so this route serves nothing and its workloads are "
                    "left alone. Run the workloads in another namespace.")
         state.blocked = state.config_error = ("NamespaceExcluded", message)
+        return state
+    if options.namespace_unwritable:
+        state.blocked = state.config_error = ("NamespaceNotEnabled", unwritable_message(record.namespace))
         return state
     found = next((c for c in credentials if c.name == route.credential_name), None)
     if found is None:

@@ -288,8 +288,12 @@ def test_operator_args_parse_with_the_operator_cli(variant: str, rendered: dict[
     watch = VARIANTS[variant][1]
     if any("watchNamespaces" in s for s in watch):
         assert (options.clusterwide, options.namespaces) == (False, ("team-a", "team-b"))
+        assert options.write_namespaces is None  # kopf watches only those, and may write in each
     else:
         assert options.clusterwide
+        # Exactly where the chart's RoleBindings let it write (none listed: nowhere).
+        expected = {"workload-namespaces": frozenset({"team-a", "team-b"}), "cluster-wide-writes": None}
+        assert options.write_namespaces == expected.get(variant, frozenset()), variant
     if not options.webhook:
         assert not find(docs, "MutatingWebhookConfiguration") and "webhook" not in ports
         return
@@ -509,6 +513,9 @@ def test_notes_tell_the_next_step(tmp_path: Path) -> None:
         assert validation_errors(doc) == [], doc["kind"]
     quiet = render_notes(tmp_path / "off", ["webhook.enabled=false"])
     assert "no pod gets the sidecar" in quiet
+    assert "may write in no namespace yet" in notes and "vertex.passthrough.dev/injection=enabled" in notes
+    served = render_notes(tmp_path / "served", ["rbac.workloadNamespaces={team-a}"])
+    assert "Serving:        namespaces team-a (rbac.workloadNamespaces)" in served and "no namespace yet" not in served
 
 
 def _markdown_samples(path: Path) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.chart.tools import NAMESPACE, ROOT, Docs, one
+from tests.chart.tools import NAMESPACE, ROOT, Docs, helm, one, render_args
 
 RECORD = ROOT / "tests" / "operator" / "rbac_requests.json"
 
@@ -96,10 +96,51 @@ def test_record_exists_and_is_well_formed() -> None:
     assert all(len(t) == 3 and all(isinstance(x, str) for x in t) for t in triples)
 
 
-def test_cluster_wide_role_is_exactly_what_the_operator_uses(default_docs: Docs) -> None:
+# What writes into a namespace's workloads: granted per namespace, never cluster-wide
+# (unless rbac.clusterWideWorkloadAccess). Everything else the operator needs wherever it watches.
+WORKLOAD_RESOURCES = {("", "configmaps"), ("", "serviceaccounts"), ("iam.cnrm.cloud.google.com", "iampolicymembers")}
+WORKLOAD_KINDS = {("apps", "deployments"), ("apps", "statefulsets"), ("apps", "daemonsets")}
+SYSTEM = {"kube-system", "kube-public", "kube-node-lease", NAMESPACE}
+
+
+def is_workload_write(triple: Triple) -> bool:
+    group, resource, verb = triple
+    return (group, resource) in WORKLOAD_RESOURCES or ((group, resource) in WORKLOAD_KINDS and verb != "list"
+                                                       and verb != "watch")
+
+
+def split() -> tuple[set[Triple], set[Triple]]:
+    needed = recorded()
+    writes = {t for t in needed if is_workload_write(t)}
+    return needed - writes, writes
+
+
+def test_cluster_wide_role_never_writes_workloads(default_docs: Docs) -> None:
     grants = operator_grants(default_docs)
-    assert set(grants) == {""}, "all-namespaces mode binds one ClusterRole, no Roles"
-    assert_exact(grants[""], "ClusterRole")
+    watch, writes = split()
+    assert writes, "the record has workload writes (ConfigMaps, ServiceAccounts, pod templates)"
+    assert set(grants) == {""}, "no rbac.workloadNamespaces: no namespace is granted writes"
+    assert grants[""] == watch, sorted(grants[""] ^ watch)  # reading and its own CRs only
+    assert not {t for t in grants[""] if is_workload_write(t)}
+
+
+def test_workload_writes_are_bound_per_listed_namespace(rendered: dict[str, Docs]) -> None:
+    grants = operator_grants(rendered["workload-namespaces"])
+    watch, writes = split()
+    assert set(grants) == {"", "team-a", "team-b"}
+    assert grants[""] == watch
+    for namespace in ("team-a", "team-b"):
+        assert grants[namespace] == writes, namespace  # cluster ∪ namespace = exactly what it uses
+        assert_exact(grants[""] | grants[namespace], f"namespace {namespace}")
+    bindings = [d for d in rendered["workload-namespaces"] if d["kind"] == "RoleBinding"]
+    assert {b["metadata"]["namespace"] for b in bindings} == {"team-a", "team-b"}
+    assert all(b["roleRef"]["kind"] == "ClusterRole" for b in bindings)
+
+
+def test_cluster_wide_writes_only_when_asked_for(rendered: dict[str, Docs]) -> None:
+    grants = operator_grants(rendered["cluster-wide-writes"])
+    assert set(grants) == {""}
+    assert_exact(grants[""], "ClusterRoles (rbac.clusterWideWorkloadAccess)")
 
 
 def test_namespaced_roles_are_exactly_what_the_operator_uses(rendered: dict[str, Docs]) -> None:
@@ -109,10 +150,28 @@ def test_namespaced_roles_are_exactly_what_the_operator_uses(rendered: dict[str,
         assert_exact(granted, f"Role in {namespace}")
 
 
-def test_every_variant_binds_the_same_rules(rendered: dict[str, Docs]) -> None:
+def test_no_variant_grants_anything_in_system_namespaces(rendered: dict[str, Docs]) -> None:
     for name, docs in rendered.items():
-        for scope, granted in operator_grants(docs).items():
-            assert_exact(granted, f"{name}, scope {scope or 'cluster'}")
+        assert not set(operator_grants(docs)) & SYSTEM, name
+
+
+@pytest.mark.parametrize("value", ["operator.watchNamespaces", "rbac.workloadNamespaces"])
+@pytest.mark.parametrize("namespace", ["kube-system", "kube-public", NAMESPACE])
+def test_system_namespaces_cannot_be_listed(value: str, namespace: str) -> None:
+    result = helm(*render_args(sets=(f"{value}={{team-a,{namespace}}}",)), check=False)
+    assert result.returncode != 0 and f"namespace {namespace} cannot be served" in result.stderr
+
+
+def test_every_variant_grants_each_served_namespace_exactly_what_it_uses(rendered: dict[str, Docs]) -> None:
+    watch, _ = split()
+    for name, docs in rendered.items():
+        grants = operator_grants(docs)
+        cluster = grants.get("", set())
+        namespaces = [ns for ns in grants if ns]
+        for namespace in namespaces:
+            assert_exact(cluster | grants[namespace], f"{name}, namespace {namespace}")
+        if not namespaces:  # reading only, or (asked for) everything cluster-wide
+            assert cluster in (watch, recorded()), name
 
 
 def test_bindings_follow_the_service_account(rendered: dict[str, Docs]) -> None:

@@ -33,6 +33,9 @@ VARIANTS: dict[str, tuple[tuple[Path, ...], tuple[str, ...]]] = {
     # Namespaced mode: Roles instead of a ClusterRole, and a narrower webhook.
     "namespaced": ((), ("operator.watchNamespaces={team-a,team-b}",)),
     "no-webhook": ((), ("webhook.enabled=false",)),
+    # Every namespace watched; workload writes only where listed (RoleBindings), or everywhere.
+    "workload-namespaces": ((), ("rbac.workloadNamespaces={team-a,team-b}",)),
+    "cluster-wide-writes": ((), ("rbac.clusterWideWorkloadAccess=true",)),
     # A service account made elsewhere, and a fixed name: bindings must follow both.
     "own-account": ((), ("operator.serviceAccount.create=false", "operator.serviceAccount.name=platform-sa",
                          "fullnameOverride=vertex", "operator.logLevel=quiet")),

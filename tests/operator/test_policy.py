@@ -137,3 +137,13 @@ def test_sidecar_images_are_matched_by_repository_or_prefix() -> None:
     assert not image_allowed(("reg.example/vertex/",), "reg.example/vertexx/other:1")
     with pytest.raises(PolicyError, match="routes.allowLoopbackUpstreams"):
         parse_policy({"routes": {"allowLoopbackUpstreams": "yes"}})
+
+
+def test_write_namespaces_from_the_command_line() -> None:
+    parse = cli.build_parser().parse_args
+    assert cli.options_from_args(parse([])).write_namespaces is None  # not restricted
+    options = cli.options_from_args(parse(["--write-namespace", "team-a", "--write-namespace=team-b"]))
+    assert options.write_namespaces == {"team-a", "team-b"} and options.may_write("team-a")
+    assert not options.may_write("team-c")
+    nowhere = cli.options_from_args(parse(["--write-namespace="]))  # the chart with none listed
+    assert nowhere.write_namespaces == frozenset() and not nowhere.may_write("team-a")

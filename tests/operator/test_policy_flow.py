@@ -160,3 +160,35 @@ async def test_allowed_overrides_are_rendered(
         return config_map
     config_map = await eventually(rendered)
     assert "https://vertex.psc.example.internal" in config_map["data"]["config.yaml"]
+
+
+# ---------------------------------------------------------------- namespaces the operator may write in
+
+
+async def test_namespace_without_write_access_gets_nothing(
+        kube: KubeEmulator, cluster: Cluster, start_operator: Any, tls_files: dict[str, Any]) -> None:
+    from tests.operator.test_webhook import Admission, pod
+
+    op = await start_operator(write_namespaces=frozenset({"team-b"}))
+    await create(cluster, o.namespace(), o.credential(secretRef={"name": "k"}), o.deployment(), o.route())
+
+    async def route_refused() -> dict[str, Any]:
+        ready = condition(await cluster.get("VertexRoute", o.NS, "gemini"), "Ready")
+        assert ready["reason"] == "NamespaceNotEnabled" and "rbac.workloadNamespaces" in ready["message"], ready
+        return ready
+
+    async def credential_refused() -> dict[str, Any]:
+        ready = condition(await cluster.get("VertexCredential", o.NS, "vertex"), "Ready")
+        assert ready["reason"] == "NotAllowed" and "may not write in namespace team-a" in ready["message"], ready
+        return ready
+    await eventually(route_refused)
+    await eventually(credential_refused)
+    assert await cluster.get("ConfigMap", o.NS, "vertex-sidecar-gemini") is None
+    assert await cluster.get("ServiceAccount", o.NS, "vertex") is None
+    deployment = await cluster.get("Deployment", o.NS, "chat")
+    assert not (deployment["spec"]["template"]["metadata"].get("annotations") or {})  # type: ignore[index]
+    _, answer = await Admission(op, str(tls_files["ca"])).admit(pod())
+    assert "patch" not in answer
+    writes = [r for r in kube.api_requests(("kopf/", "vertex-operator/"))
+              if r[1] in ("configmaps", "serviceaccounts", "deployments") and r[2] in ("create", "patch", "delete")]
+    assert writes == []

@@ -105,20 +105,23 @@ app.kubernetes.io/component: operator
 {{/* RBAC ------------------------------------------------------------------- */}}
 
 {{/* Exactly what the operator calls (tests/chart/test_rbac.py compares these rules with
-     the requests recorded by the operator tests in tests/operator/rbac_requests.json). */}}
+     the requests recorded by the operator tests in tests/operator/rbac_requests.json), in
+     two parts: what it needs wherever it watches (reading, and its own custom resources),
+     and what writes into a namespace's workloads (granted per namespace). */}}
 {{- define "vp.operatorRules" -}}
-# Sidecar configs: one ConfigMap per VertexRoute (read, create, merge-patch).
-- apiGroups: [""]
-  resources: [configmaps]
-  verbs: [get, create, patch]
+{{ include "vp.operatorWatchRules" . }}
+{{ include "vp.operatorWriteRules" . }}
+{{- end -}}
+
+{{- define "vp.operatorWatchRules" -}}
 # kopf posts handler warnings and errors as Events of the route.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
-# Workloads: watched (indexes) and their pod template annotated with the config hash.
+# Workloads: watched (indexes); patched only where vp.operatorWriteRules are granted.
 - apiGroups: [apps]
   resources: [deployments, statefulsets, daemonsets]
-  verbs: [list, watch, patch]
+  verbs: [list, watch]
 # Routes: watched, finalizer/annotations patched by kopf, status written by the operator.
 - apiGroups: [vertex.passthrough.dev]
   resources: [vertexroutes]
@@ -126,11 +129,6 @@ app.kubernetes.io/component: operator
 - apiGroups: [vertex.passthrough.dev]
   resources: [vertexroutes/status]
   verbs: [patch]
-# Kubernetes service accounts of VertexCredentials: created (owned) or adopted, annotated
-# for GKE Workload Identity, deleted only when the operator created them.
-- apiGroups: [""]
-  resources: [serviceaccounts]
-  verbs: [get, create, patch, delete]
 # Credentials: watched, finalizer/annotations patched by kopf, status written by the operator.
 - apiGroups: [vertex.passthrough.dev]
   resources: [vertexcredentials]
@@ -138,10 +136,37 @@ app.kubernetes.io/component: operator
 - apiGroups: [vertex.passthrough.dev]
   resources: [vertexcredentials/status]
   verbs: [patch]
+{{- end -}}
+
+{{- define "vp.operatorWriteRules" -}}
+# Sidecar configs: one ConfigMap per VertexRoute (read, create, merge-patch).
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, create, patch]
+# Workloads: their pod template annotated with the config hash.
+- apiGroups: [apps]
+  resources: [deployments, statefulsets, daemonsets]
+  verbs: [patch]
+# Kubernetes service accounts of VertexCredentials: created (owned) or adopted, annotated
+# for GKE Workload Identity, deleted only when the operator created them.
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get, create, patch, delete]
 # binding.backend configConnector: owned IAMPolicyMember objects (never the authoritative IAMPolicy).
 - apiGroups: [iam.cnrm.cloud.google.com]
   resources: [iampolicymembers]
   verbs: [get, create, delete]
+{{- end -}}
+
+{{/* Namespaces the operator must never be granted writes in: the system ones and its own
+     (never injected, so nothing there needs it). Listing one is an install error. */}}
+{{- define "vp.checkServedNamespaces" -}}
+{{- $never := list "kube-system" "kube-public" "kube-node-lease" .Release.Namespace -}}
+{{- range $ns := concat .Values.operator.watchNamespaces .Values.rbac.workloadNamespaces -}}
+{{- if has $ns $never -}}
+{{- fail (printf "namespace %s cannot be served (operator.watchNamespaces / rbac.workloadNamespaces): it is a system namespace or the release's own, which the operator never injects" $ns) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Webhook certificate (generated mode) -------------------------------------- */}}
