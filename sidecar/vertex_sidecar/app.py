@@ -51,6 +51,7 @@ class Sidecar:
         self.live = LiveRelay(self.state)  # the Live API (WebSocket) relay; telemetry sets live.observer
         self.websocket_handler: WebSocketHandler | None = self.live.handle
         self.metrics_renderer: Callable[[], tuple[bytes, str]] | None = None
+        self.proxy_observer: Any = None  # forward_proxy.ProxyObserver (telemetry), for proxy_listen
         self.on_close: list[Callable[[], Awaitable[None]]] = []  # e.g. the trace exporter's last flush
 
     @property

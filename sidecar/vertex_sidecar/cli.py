@@ -124,6 +124,7 @@ def build_sidecar(config: Config) -> Sidecar:
     sidecar = Sidecar(config, observers=telemetry.observers(), refresh_observer=telemetry.token_refreshed)
     sidecar.metrics_renderer = telemetry.render
     sidecar.live.observer = telemetry
+    sidecar.proxy_observer = telemetry
     telemetry.set_ready_probe(lambda: sidecar.state.ready)
     sidecar.state.governor = governor = Governor(config, registry=telemetry.registry, wall=wall_clock_from_env(),
                                                  showback=showback_from_env())
@@ -272,7 +273,7 @@ def _proxy_listener(config: Config, sidecar: Sidecar, files: "TlsFiles | None") 
     assert files is not None and files.proxy_cert_dir is not None
     proxy = ForwardProxy(names=intercepted_names(config.proxy.extra_locations), cert_dir=files.proxy_cert_dir,
                          http_config=_uvicorn_config(InterceptedApp(sidecar), config),
-                         settings=lambda: sidecar.config.proxy)
+                         settings=lambda: sidecar.config.proxy, observer=sidecar.proxy_observer)
     sock = bind(config.proxy_listen)
     log.info("forward proxy on %s; apps use it with HTTPS_PROXY=http://%s and SSL_CERT_FILE=%s", _address(sock),
              _address(sock), files.ca_bundle_path)

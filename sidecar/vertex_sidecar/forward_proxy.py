@@ -28,7 +28,7 @@ import os
 import socket
 import ssl
 import time
-from typing import Any, Awaitable, Callable, cast
+from typing import Any, Awaitable, Callable, Protocol, cast
 
 import uvicorn
 from uvicorn.server import ServerState
@@ -52,6 +52,20 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+class ProxyObserver(Protocol):
+    def proxy_connect(self, outcome: str, reason: str) -> None: ...
+
+    def proxy_tunnel_closed(self, bytes_up: int, bytes_down: int) -> None: ...
+
+
+class _NoObserver:
+    def proxy_connect(self, outcome: str, reason: str) -> None:
+        pass
+
+    def proxy_tunnel_closed(self, bytes_up: int, bytes_down: int) -> None:
+        pass
+
+
 class ProxyRefusal(Exception):
     def __init__(self, code: int, message: str, reason: str) -> None:
         super().__init__(message)
@@ -66,7 +80,7 @@ class ForwardProxy:
     CONNECT, so a config reload applies)."""
 
     def __init__(self, *, names: tuple[str, ...], cert_dir: str, http_config: uvicorn.Config,
-                 settings: Callable[[], ProxySettings]) -> None:
+                 settings: Callable[[], ProxySettings], observer: ProxyObserver | None = None) -> None:
         self.names = frozenset(names)
         self.cert_dir = cert_dir
         if not http_config.loaded:
@@ -74,6 +88,7 @@ class ForwardProxy:
         self.http_config = http_config
         self.server_state = ServerState()  # uvicorn's view of the intercepted connections
         self.settings = settings
+        self.observer: ProxyObserver = observer or _NoObserver()
         self._contexts: dict[str, ssl.SSLContext] = {}
         self._server: asyncio.AbstractServer | None = None
         self.connections: set[asyncio.BaseTransport] = set()  # everything open, for the drain
@@ -132,14 +147,20 @@ class ForwardProxy:
                 if early:
                     raise ProxyRefusal(400, "the client sent data before the CONNECT was answered",
                                        "PROXY_BAD_REQUEST")
+                self.observer.proxy_connect("intercepted", "intercepted")
                 await self._intercept(loop, transport, intercepted)
                 return
             await self._tunnel(loop, transport, target, early, intercepted is not None)
+            self.observer.proxy_connect("tunnelled", "tunnelled")
         except ProxyRefusal as refusal:
             log.info("proxy refused %s: %s", _printable(head.split(b"\r\n", 1)[0]), refusal.message)
+            self.observer.proxy_connect("refused", refusal.reason)
             _answer_error(transport, refusal)
         except (ConnectionError, ssl.SSLError, TimeoutError, asyncio.TimeoutError) as exc:
             log.info("proxy connection ended early: %s", exc)
+            transport.abort()
+        except Exception:  # a bug must not leave the app hanging on an unanswered CONNECT
+            log.exception("proxy request failed")
             transport.abort()
 
     async def _intercept(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport,
@@ -200,7 +221,7 @@ class ForwardProxy:
             raise ProxyRefusal(502, f"cannot connect to {target}: {last_error}", "PROXY_UPSTREAM_UNREACHABLE")
         self.connections.add(upstream)
         client_side.peer, upstream_side.peer = upstream_side, client_side
-        client_side.tunnel = upstream_side.tunnel = _TunnelStats(str(target))
+        client_side.tunnel = upstream_side.tunnel = _TunnelStats(str(target), self.observer)
         transport.set_protocol(client_side)
         transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         if early:
@@ -388,8 +409,9 @@ class _Forwarder(asyncio.Protocol):
 
 
 class _TunnelStats:
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, observer: ProxyObserver) -> None:
         self.target = target
+        self.observer = observer
         self.started = time.monotonic()
         self.bytes_up = 0
         self.bytes_down = 0
@@ -398,6 +420,7 @@ class _TunnelStats:
     def log(self) -> None:
         if not self.closed:
             self.closed = True
+            self.observer.proxy_tunnel_closed(self.bytes_up, self.bytes_down)
             print(json.dumps({"event": "tunnel", "target": self.target, "bytes_up": self.bytes_up,
                               "bytes_down": self.bytes_down,
                               "duration_ms": round((time.monotonic() - self.started) * 1000, 1)},

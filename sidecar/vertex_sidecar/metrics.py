@@ -201,6 +201,12 @@ class ProcessMetrics:
         self.live_tokens = Counter(
             "vertex_sidecar_live_tokens", "Tokens of Live API turns (also counted in gen_ai_client_token_usage).",
             ["route", "model", TOKEN_TYPE], registry=registry)
+        self.proxy_connects = Counter(
+            "vertex_sidecar_proxy_connects", "Forward-proxy CONNECT requests, by outcome (intercepted|tunnelled|"
+            "refused) and reason (the refusal's, or the outcome).", ["outcome", "reason"], registry=registry)
+        self.proxy_tunnel_bytes = Counter(
+            "vertex_sidecar_proxy_tunnel_bytes", "Bytes relayed through blind tunnels, by direction (up|down).",
+            ["direction"], registry=registry)
         self.config_reloads = Counter(
             "vertex_sidecar_config_reloads", "Config file reloads, by result (success|failure).", ["result"],
             registry=registry)

@@ -210,6 +210,15 @@ class Telemetry:
             child = self._refresh_children[key] = self.process.token_refresh.labels(credential, result)
         child.inc()
 
+    # ----------------------------------------------------------- forward proxy
+    def proxy_connect(self, outcome: str, reason: str) -> None:
+        """`forward_proxy.ProxyObserver`: one CONNECT's outcome (reasons are a fixed set)."""
+        self.process.proxy_connects.labels(outcome, reason).inc()
+
+    def proxy_tunnel_closed(self, bytes_up: int, bytes_down: int) -> None:
+        self.process.proxy_tunnel_bytes.labels("up").inc(bytes_up)
+        self.process.proxy_tunnel_bytes.labels("down").inc(bytes_down)
+
     # -------------------------------------------------------------------- Live
     def live_session_started(self, route: str | None) -> None:
         route = route or NONE

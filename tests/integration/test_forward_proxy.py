@@ -149,6 +149,8 @@ def test_bare_genai_client_generate_and_stream(shared: SidecarProcess, emulator:
     assert all(e["tokens"]["input_tokens"] > 0 for e in log)
     metrics = httpx.get(f"{sidecar.admin_url}/metrics").text
     assert re.search(r'vertex_sidecar_requests_total\{[^}]*model="gemini-2.5-flash"[^}]*\} [1-9]', metrics), metrics
+    assert re.search(r'vertex_sidecar_proxy_connects_total\{outcome="intercepted",reason="intercepted"\} [1-9]',
+                     metrics)
 
 
 def test_policy_refusal_is_the_sidecars_403(start: Callable[..., SidecarProcess], emulator: ServerHandle,
@@ -373,6 +375,10 @@ def test_other_hosts_tunnelled_untouched_or_denied_and_never_into_the_pod(
     status, error = refusal(sidecar, "CONNECT not a target HTTP/1.1")
     assert status == 400
     assert len(echo.received) == len(payload)  # nothing else reached the far end
+    metrics = httpx.get(f"{sidecar.admin_url}/metrics").text
+    assert 'vertex_sidecar_proxy_connects_total{outcome="tunnelled",reason="tunnelled"} 1.0' in metrics
+    assert 'vertex_sidecar_proxy_connects_total{outcome="refused",reason="PROXY_TARGET_FORBIDDEN"} 9.0' in metrics
+    assert f'vertex_sidecar_proxy_tunnel_bytes_total{{direction="up"}} {float(len(payload))}' in metrics
 
     # proxy.other_hosts: deny (applied by a config reload) refuses every other host.
     config = yaml.safe_load(sidecar.config_path.read_text())
