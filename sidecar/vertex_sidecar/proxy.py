@@ -88,7 +88,9 @@ class Proxy:
         body_model: str | None = None
         body: bytes | None = None
         streamed: _CallerUpload | None = None
-        if "endpoints/openapi/" in subpath and needs_body_model(resolve_target(subpath, service, config)):
+        # ("%": an escaped spelling of the path is judged by its canonical form, routing.py)
+        if ("endpoints/openapi/" in subpath or "%" in subpath) and needs_body_model(
+                resolve_target(subpath, service, config)):
             # The OpenAI-compatible endpoint names its model in the body: read it (bounded).
             body, streamed = await self._read_body_start(receive, max_body, record, keep_up_to=max_body)
             body_model = _openai_body_model(body, strict=not config.allow_all)

@@ -247,3 +247,15 @@ def test_publisher_model_listing_with_an_allow_all_route(sidecar: SidecarProcess
     embedding = httpx.get(f"{sidecar.base_url}/v1/publishers/google/models/text-embedding-005").json()
     assert embedding["predictSchemata"]["instanceSchemaUri"].endswith("/text_embedding_1.0.0.yaml")
     assert upstream_calls(emulator)[-1]["upstream_host"] == "us-central1-aiplatform.googleapis.com"
+
+
+def test_an_escaped_openai_compatible_path_still_has_its_body_model_checked(
+        start: StartSidecar, emulator: ServerHandle) -> None:
+    sidecar = start({"routes": [{"name": "flash", "match": {"projects": ["emu-project"],
+                                                            "models": ["gemini-2.5-flash"]}}]})
+    chat = f"{sidecar.base_url}/v1/projects/emu-project/locations/us-central1/endpoints/open%61pi/chat/completions"
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(chat, json={"model": "google/gemini-2.5-pro", **body}).status_code == 403
+    ok = httpx.post(chat, json={"model": "google/gemini-2.5-flash", **body})
+    assert ok.status_code == 200, ok.text
+    assert upstream_calls(emulator)[-1]["path"].endswith("/endpoints/openapi/chat/completions")
