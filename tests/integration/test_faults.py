@@ -502,6 +502,10 @@ def test_invalid_percent_encoding_is_refused_and_never_forwarded(rig: Rig) -> No
         assert response.status == 400 and response.headers["content-type"].startswith("application/json"), path
         assert raw_error(response)["status"] == "INVALID_ARGUMENT"
     assert rig.faulty.stats.total_requests() == seen, "a bad path must never reach an upstream"
+    # An escaped unreserved character is the same name: forwarded decoded.
+    response = raw_exchange(rig, request_bytes("POST", rig.path("gem%69ni"), b"{}"))
+    assert response.status == 200
+    assert rig.faulty.stats.paths[-1] == rig.path("gemini").removeprefix("/vertex_ai")
     assert_serves(rig)
 
 
