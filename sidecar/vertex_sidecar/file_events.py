@@ -34,7 +34,8 @@ class DirectoryEvents:
     def open(cls, directories: Iterable[Path]) -> "DirectoryEvents | None":
         try:
             from asyncinotify import Inotify, Mask
-        except (ImportError, OSError):  # not Linux, or no libc inotify symbols
+        except (ImportError, OSError) as exc:  # not Linux, or no libc inotify symbols
+            log.warning("inotify unavailable (%s): the config files are polled instead", exc)
             return None
         mask = (Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.CREATE | Mask.DELETE
                 | Mask.ATTRIB | Mask.DELETE_SELF | Mask.MOVE_SELF)
