@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import dataclasses
 import os
+import re
 import sys
 import threading
 from typing import TYPE_CHECKING, Sequence
@@ -13,6 +15,8 @@ from typing import TYPE_CHECKING, Sequence
 import kopf
 
 from vertex_operator import __version__
+from vertex_operator.crd import SecretKey
+from vertex_operator.fleet import StoreSettings, load_ca
 from vertex_operator.options import (
     DEFAULT_IAM_ENDPOINT, DEFAULT_RESOURCE_MANAGER_ENDPOINT, DEFAULT_SIDECAR_IMAGE, Options,
 )
@@ -79,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the collector's OTLP/HTTP base URL, e.g. http://otel-collector.observability:4318")
     t.add_argument("--tracing-sample-ratio", type=_ratio, metavar="RATIO",
                    help="share of requests without a caller's traceparent that are traced (0 to 1; default 1)")
+    f = p.add_argument_group(
+        "fleet-wide limits and budgets",
+        "The Redis (>= 6, Valkey, Memorystore) that sidecars share for routes with limits.scope: fleet or a "
+        "budget. Without --store-redis-url those are counted per pod.")
+    f.add_argument("--store-redis-url", metavar="URL", help="redis://HOST:PORT[/DB] or rediss:// (TLS); no password")
+    f.add_argument("--store-redis-password-secret", metavar="NAME",
+                   help="Secret with the password; it must exist in every namespace whose sidecars use the store")
+    f.add_argument("--store-redis-password-key", default="password", metavar="KEY", help="key in that Secret")
+    f.add_argument("--store-redis-tls-ca-file", metavar="PATH",
+                   help="CA certificate (PEM) of the store; read at start and handed to sidecars in their ConfigMap")
+    f.add_argument("--store-redis-timeout-ms", type=int, metavar="MS",
+                   help="bound of every store call in the sidecars (default 50, at most 1000)")
+    f.add_argument("--showback-team-label", metavar="KEY",
+                   help="Namespace label whose value becomes the team of the sidecars' metrics and access log")
     w = p.add_argument_group("admission webhook")
     w.add_argument("--no-webhook", action="store_true", help="do not serve the injection webhook")
     w.add_argument("--webhook-addr", default="0.0.0.0")
@@ -91,6 +109,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let the operator own the MutatingWebhookConfiguration NAME (development; "
                         "the Helm chart ships its own configuration)")
     return p
+
+
+def store_from_args(args: argparse.Namespace) -> StoreSettings | None:
+    """The store settings, checked as the sidecar will check them; raises ValueError. The CA
+    file is read later, at start (`fleet.load_ca`)."""
+    if not args.store_redis_url:
+        if args.store_redis_password_secret or args.store_redis_tls_ca_file:
+            raise ValueError("--store-redis-password-secret and --store-redis-tls-ca-file need --store-redis-url")
+        return None
+    url = args.store_redis_url
+    if not re.match(r"^rediss?://[^/\s@]+(/[0-9]+)?$", url):
+        raise ValueError(f"--store-redis-url: expected redis://HOST:PORT[/DB] or rediss://..., without a "
+                         f"password (use --store-redis-password-secret), got {url.split('@')[-1]!r}")
+    secret = None
+    if args.store_redis_password_secret:
+        secret = SecretKey(args.store_redis_password_secret, args.store_redis_password_key)
+    timeout = args.store_redis_timeout_ms
+    if timeout is not None and not 1 <= timeout <= 1000:
+        raise ValueError("--store-redis-timeout-ms: between 1 and 1000 (a slow store must not hold requests)")
+    return StoreSettings(url=url, password_secret=secret, timeout_ms=timeout, tls_ca_file=args.store_redis_tls_ca_file)
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
@@ -122,6 +160,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
         write_namespaces=frozenset(filter(None, args.write_namespace)) if args.write_namespace else None,
         tracing=TracingDefaults(enabled=args.tracing, endpoint=args.tracing_endpoint,
                                 sample_ratio=args.tracing_sample_ratio),
+        store=store_from_args(args),
+        team_label=args.showback_team_label or None,
     )
 
 
@@ -173,11 +213,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "them from a Secret); or run with --no-webhook")
     try:
         options = options_from_args(args)
-    except PolicyError as exc:
+        options = dataclasses.replace(options, store=load_ca(options.store))
+    except (PolicyError, ValueError) as exc:
         parser.error(str(exc))
     kopf.configure(verbose=args.verbose, debug=args.debug, quiet=args.quiet)
     if not args.quiet:
         logging.getLogger("vertex_operator").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    log = logging.getLogger(__name__)
+    if options.store is None:
+        log.info("No store configured (--store-redis-url): rate limits and budgets are counted per pod.")
+    else:
+        log.info("Fleet-wide limits and budgets through %s.", options.store.url)
     try:
         asyncio.run(run(options))
     except KeyboardInterrupt:

@@ -12,12 +12,13 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import time
 from typing import Any, Awaitable, Mapping
 
 from kubernetes.client.exceptions import ApiException
 
 from vertex_operator import conditions as cond
-from vertex_operator import inject, metrics, reconcile, render
+from vertex_operator import inject, metrics, reconcile, render, showback
 from vertex_operator.credential_controller import CredentialController
 from vertex_operator.crd import (
     API_VERSION, MANAGED_BY, MANAGED_BY_LABEL, PREFIX, ROUTE_ANNOTATION, ROUTE_KIND, ROUTE_LABEL,
@@ -68,6 +69,9 @@ class SyncError(Exception):
         return all(is_permanent(exc) for _, exc in self.failures)
 
 
+TEAM_CACHE_SECONDS = 60.0  # a namespace's team label change reaches new pods within this
+TEAM_LOOKUP_SECONDS = 2.0  # admission never waits longer for a namespace's team
+
 # Index names: kopf passes each index to handlers under its handler's name.
 ROUTE_INDEX = "vertexroute_index"
 CREDENTIAL_INDEX = "vertexcredential_index"
@@ -111,7 +115,7 @@ def config_map_body(record: reconcile.RouteRecord, rendered: render.Rendered) ->
                 "uid": record.uid, "controller": True,
             }],
         },
-        "data": {render.CONFIG_FILE: rendered.text},
+        "data": {render.CONFIG_FILE: rendered.text, **rendered.files},
     }
 
 
@@ -126,6 +130,7 @@ class Controller:
         self._statuses: dict[str, dict[str, Any]] = {}  # route uid → the status last written
         self._workloads: dict[tuple[str, str, str], Workload] = {}  # last seen, to drop no-op events
         self.credentials = CredentialController(options, kube)
+        self._teams: dict[str, tuple[float, str | None]] = {}  # namespace → (expires, team)
 
     async def start(self) -> None:
         if self.kube is None:
@@ -142,7 +147,8 @@ class Controller:
     def reconcile_options(self) -> reconcile.Options:
         return reconcile.Options(default_image=self.options.sidecar_image, server_version=self.server_version,
                                  policy=self.options.policy,
-                                 tracing=self.options.tracing)
+                                 tracing=self.options.tracing,
+                                 store=self.options.store)
 
     # ---------------------------------------------------------------- reconciling
 
@@ -273,11 +279,40 @@ class Controller:
             return [], None  # the API server refuses the pod itself (its service account does not exist)
         return [s["name"] for s in found.get("imagePullSecrets") or [] if isinstance(s, Mapping) and s.get("name")], None
 
+    def selects(self, pod: Mapping[str, Any], namespace: str, indexes: Indexes) -> bool:
+        """Whether a route would inject this pod (so the admission needs its namespace's team)."""
+        if namespace in self.options.excluded_namespaces:
+            return False
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        active = [r for r in indexes.routes(namespace) if r.route is not None and not r.deleting]
+        return bool(selecting(active, labels))
+
+    async def namespace_team(self, namespace: str) -> str | None:
+        """The showback team of a namespace (its `--showback-team-label` label), cached briefly.
+        Never fails an admission: without an answer the pod simply has no team."""
+        label = self.options.team_label
+        if not label or self.kube is None:
+            return None
+        now = time.monotonic()
+        cached = self._teams.get(namespace)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            found = await asyncio.wait_for(self.kube.read_namespace(namespace), TEAM_LOOKUP_SECONDS)
+        except Exception as exc:
+            logger.warning("Cannot read Namespace %s for its showback team label %s (%s); the pod gets no team.",
+                           namespace, label, describe_error(exc))
+            return None
+        team = showback.team_of(found, label)
+        self._teams[namespace] = (now + TEAM_CACHE_SECONDS, team)
+        return team
+
     def admit(self, pod: Mapping[str, Any], namespace: str, indexes: Indexes,
-              pull_secrets: list[str] | None = None) -> inject.Injection:
+              pull_secrets: list[str] | None = None, team: str | None = None) -> inject.Injection:
         """Decide on one pod at creation: a JSON patch, or why none (and warnings).
 
-        `pull_secrets`: those of the account the pod is switched to (see `pull_secrets`)."""
+        `pull_secrets`: those of the account the pod is switched to (see `pull_secrets`); `team`: the
+        showback team of the namespace (see `namespace_team`)."""
         if namespace in self.options.excluded_namespaces:
             return inject.Injection(reason=f"namespace {namespace} is never injected")
         if not self.options.may_write(namespace):  # its ConfigMap cannot exist: the pod would not start
@@ -297,7 +332,7 @@ class Controller:
                 reason=state.blocked[1],
                 warnings=[f"VertexRoute {chosen[0].name!r} selects this pod but cannot inject "
                           f"its sidecar: {state.blocked[1]}"])
-        result = inject.inject(pod, state.plan, pull_secrets or ())
+        result = inject.inject(pod, state.plan, pull_secrets or (), team=team)
         if result.injected and len(chosen) > 1:
             others = ", ".join(repr(r.name) for r in chosen[1:])
             result.warnings.append(f"VertexRoute(s) {others} also select this pod; "

@@ -163,18 +163,36 @@ _PROJECT_HINT = " (a Google Cloud project id such as my-project, or a project nu
 # -------------------------------------------------------------------------- route
 
 
+LimitScope = Literal["pod", "fleet"]
+StoreErrorPolicy = Literal["allow", "deny"]
+BudgetAction = Literal["deny", "warn"]  # the sidecar's `budget.action` values
+
+
 @dataclass(frozen=True)
 class Limits:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     max_body_bytes: int | None = None
+    scope: LimitScope | None = None  # None: inherit; the sidecar's default is "pod"
+    on_store_error: StoreErrorPolicy | None = None  # None: inherit; the sidecar's default is "allow"
 
     def over(self, base: "Limits") -> "Limits":
         return Limits(
             self.requests_per_minute or base.requests_per_minute,
             self.tokens_per_minute or base.tokens_per_minute,
             self.max_body_bytes or base.max_body_bytes,
+            self.scope or base.scope,
+            self.on_store_error or base.on_store_error,
         )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Spend in USD per UTC day and/or month, counted fleet-wide with a store (else per pod)."""
+
+    usd_per_day: float | None = None
+    usd_per_month: float | None = None
+    action: BudgetAction = "deny"
 
 
 @dataclass(frozen=True)
@@ -205,6 +223,7 @@ class Rule:
     quota_project: str | None = None
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    budget: Budget | None = None  # never inherited: each rule's budget is counted on its own
 
     def over(self, base: "Rule") -> "Rule":
         return Rule(
@@ -219,6 +238,7 @@ class Rule:
             quota_project=self.quota_project or base.quota_project,
             limits=self.limits.over(base.limits),
             timeouts=self.timeouts.over(base.timeouts),
+            budget=self.budget,
         )
 
 
@@ -341,7 +361,37 @@ def _limits(f: _Fields) -> Limits:
         requests_per_minute=f.integer("requestsPerMinute", high=10_000_000),
         tokens_per_minute=f.integer("tokensPerMinute", high=10_000_000_000),
         max_body_bytes=f.integer("maxBodyBytes", high=1 << 30),
+        scope=_optional_choice(f, "scope", ("pod", "fleet")),  # type: ignore[arg-type]
+        on_store_error=_optional_choice(f, "onStoreError", ("allow", "deny")),  # type: ignore[arg-type]
     )
+
+
+def _optional_choice(f: _Fields, key: str, choices: tuple[str, ...]) -> str | None:
+    """One of `choices`, or None when unset (a rule then inherits the route's)."""
+    return f.choice(key, choices, choices[0]) if f.has(key) else None
+
+
+MAX_BUDGET_USD = 1e9
+
+
+def _budget(f: _Fields) -> Budget | None:
+    if not f.data:
+        return None
+
+    def usd(key: str) -> float | None:
+        value = f.data.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_BUDGET_USD:
+            raise SpecError(f"{f.at(key)}: expected an amount in USD above 0 (at most {MAX_BUDGET_USD:.0f}), "
+                            f"got {value!r}")
+        return float(value)
+
+    budget = Budget(usd_per_day=usd("usdPerDay"), usd_per_month=usd("usdPerMonth"),
+                    action=f.choice("action", ("deny", "warn"), "deny"))  # type: ignore[arg-type]
+    if budget.usd_per_day is None and budget.usd_per_month is None:
+        raise SpecError(f"{f.path}: set usdPerDay and/or usdPerMonth")
+    return budget
 
 
 def _timeouts(f: _Fields) -> Timeouts:
@@ -365,6 +415,7 @@ def _rule(f: _Fields, name: str) -> Rule:
         quota_project=f.string("quotaProject", pattern=PROJECT_RE, hint=_PROJECT_HINT),
         limits=_limits(f.sub("limits")),
         timeouts=_timeouts(f.sub("timeouts")),
+        budget=_budget(f.sub("budget")),
     )
 
 
@@ -463,6 +514,9 @@ def parse_route(body: Mapping[str, Any]) -> Route:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise SpecError(f"spec.rules: duplicate rule name(s) {', '.join(duplicates)}")
+    if rules and spec.has("budget"):
+        raise SpecError("spec.budget: a route with rules sets its budgets per rule (spec.rules[].budget); "
+                        "a route-level budget would be counted once per rule")
     upstreams_f = spec.sub("upstreams")
     upstreams: dict[str, str] = {}
     for key in UPSTREAM_KEYS:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from vertex_operator import interception, isolation, render
+from vertex_operator import fleet, interception, isolation, render, showback
 from vertex_operator.tracing import EffectiveTracing, TracingDefaults, effective_tracing, tracing_env
 from vertex_operator.crd import (
     INJECT_ANNOTATION, PROXY_PORT, ROUTE_ANNOTATION, Credential, Federation, Route, SecretKey, TrustBundle,
@@ -27,6 +27,7 @@ TMP_VOLUME = "vertex-sidecar-tmp"
 TLS_VOLUME = "vertex-sidecar-tls"
 FEDERATION_VOLUME = "vertex-federation"
 KEY_VOLUME = "vertex-credential-key"
+STORE_PASSWORD_VOLUME = "vertex-store-password"
 ADMIN_PORT_NAME = "vertex-admin"
 SIDECAR_UID = 65532  # the distroless "nonroot" user; numeric so runAsNonRoot can verify it
 
@@ -75,6 +76,8 @@ class SidecarPlan:
     def shares_ca_bundle(self) -> bool:
         """Whether app containers mount the volume with the pod-local CA bundle."""
         return self.tls_enabled or self.interception
+    store_secret: SecretKey | None = None  # the store's password Secret (fleet limits, budgets)
+    store_fingerprint: tuple[Any, ...] | None = None  # set when the route's sidecar uses the store
 
     @property
     def base_url(self) -> str:
@@ -113,6 +116,8 @@ class SidecarPlan:
             hashed["tracing"] = self.tracing.restart_key
         if self.interception:  # likewise
             hashed["interception"] = PROXY_PORT
+        if self.store_fingerprint is not None:  # only with a store: other pods keep their hash
+            hashed["store"] = list(self.store_fingerprint)
         return render.stable_hash(hashed)
 
 
@@ -127,8 +132,10 @@ def resolve_native(setting: str, server_version: tuple[int, int] | None) -> bool
 
 def plan_sidecar(route: Route, credential: Credential, *, default_image: str,
                  server_version: tuple[int, int] | None,
-                 tracing_defaults: TracingDefaults = TracingDefaults()) -> SidecarPlan:
+                 tracing_defaults: TracingDefaults = TracingDefaults(),
+                 store: fleet.StoreSettings | None = None) -> SidecarPlan:
     sidecar = route.sidecar
+    uses_store = store is not None and fleet.uses_store(route, store)
     return SidecarPlan(
         route_name=route.name,
         config_map=route.config_map_name,
@@ -152,6 +159,8 @@ def plan_sidecar(route: Route, credential: Credential, *, default_image: str,
         # The organisation's roots join the bundle, which interception shares too.
         trust_bundle=sidecar.tls.trust_bundle if sidecar.tls.enabled or sidecar.interception else None,
         interception=sidecar.interception,
+        store_secret=fleet.password_secret(route, store),
+        store_fingerprint=tuple(store.fingerprint) if store is not None and uses_store else None,
     )
 
 
@@ -171,6 +180,8 @@ def sidecar_container(plan: SidecarPlan) -> dict[str, Any]:
         mounts.append({"name": TLS_VOLUME, "mountPath": render.TLS_DIR})
         if plan.trust_bundle is not None:
             mounts.append({"name": TRUST_VOLUME, "mountPath": render.TRUST_DIR, "readOnly": True})
+    if plan.store_secret is not None:
+        mounts.append({"name": STORE_PASSWORD_VOLUME, "mountPath": fleet.STORE_PASSWORD_DIR, "readOnly": True})
     ports = [{"name": ADMIN_PORT_NAME, "containerPort": plan.admin_port, "protocol": "TCP"}]
 
     def probe(path: str, period: int, failures: int) -> dict[str, Any]:
@@ -243,6 +254,13 @@ def sidecar_volumes(plan: SidecarPlan) -> list[dict[str, Any]]:
             volumes.append({"name": TRUST_VOLUME, "configMap": {
                 "name": plan.trust_bundle.config_map_name,
                 "items": [{"key": plan.trust_bundle.key, "path": render.TRUST_FILE}]}})
+    if plan.store_secret is not None:
+        # Must exist in the pod's namespace: the operator copies no Secrets (README, "Fleet-wide limits").
+        volumes.append({"name": STORE_PASSWORD_VOLUME, "secret": {
+            "secretName": plan.store_secret.secret_name,
+            "items": [{"key": plan.store_secret.key, "path": fleet.STORE_PASSWORD_FILE}],
+            "defaultMode": 0o444,
+        }})
     return volumes
 
 
@@ -378,11 +396,13 @@ def pull_secret_ops(spec: Mapping[str, Any], account_secrets: Sequence[str]) -> 
     return patch
 
 
-def inject(pod: Mapping[str, Any], plan: SidecarPlan, pull_secrets: Sequence[str] = ()) -> Injection:
+def inject(pod: Mapping[str, Any], plan: SidecarPlan, pull_secrets: Sequence[str] = (), *,
+           team: str | None = None) -> Injection:
     """The JSON patch that adds the sidecar of `plan` to `pod` (a Pod as admitted).
 
     `pull_secrets`: the imagePullSecrets of `plan.service_account_name`, copied into the pod
-    when the patch switches it to that account (the caller reads the account)."""
+    when the patch switches it to that account (the caller reads the account). `team`: the
+    showback team of the pod's namespace."""
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     annotations = meta.get("annotations")
@@ -435,6 +455,7 @@ def inject(pod: Mapping[str, Any], plan: SidecarPlan, pull_secrets: Sequence[str
     if plan.tracing is not None:  # the pod's k8s.* resource attributes for its spans
         sidecar["env"] = [*sidecar.get("env", []),
                           *tracing_env(pod, CONTAINER_NAME, sidecar.get("env", []))]
+    sidecar["env"] = sidecar.get("env", []) + showback.sidecar_env(pod, team)  # who spends (metrics, access log)
     if plan.native:
         # First, so that it is up before the other init containers and the app start.
         if init_containers is None:

@@ -109,6 +109,11 @@ class Kube:
         await self._call(self.core.patch_namespaced_config_map, name, namespace, dict(patch),
                          _content_type=MERGE_PATCH)
 
+    # ------------------------------------------------------------------ namespaces
+
+    async def read_namespace(self, name: str) -> dict[str, Any] | None:
+        return await self._get(self.core.read_namespace, name)
+
     # ------------------------------------------------------------------ service accounts
 
     async def read_service_account(self, namespace: str, name: str) -> dict[str, Any] | None:

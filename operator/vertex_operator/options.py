@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from vertex_operator import __version__
 from vertex_operator.policy import Policy
 from vertex_operator.tracing import TracingDefaults
+from vertex_operator.fleet import StoreSettings
 
 DEFAULT_SIDECAR_IMAGE = os.environ.get("VERTEX_SIDECAR_IMAGE") or f"vertex-passthrough-sidecar:{__version__}"
 SYSTEM_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"})
@@ -53,6 +54,9 @@ class Options:
         return self.write_namespaces is None or namespace in self.write_namespaces
     # Tracing for routes whose spec.sidecar.tracing does not say (chart sidecar.tracing.*).
     tracing: TracingDefaults = field(default_factory=TracingDefaults)
+    # Fleet-wide limits and budgets (issue 11): the store sidecars share, and the showback team.
+    store: StoreSettings | None = None
+    team_label: str | None = None  # the Namespace label whose value is the pod's showback team
 
     @property
     def excluded_namespaces(self) -> frozenset[str]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from vertex_operator import conditions as cond
-from vertex_operator import inject, render
+from vertex_operator import fleet, inject, render
 from vertex_operator.crd import (
     CONFIG_HASH_ANNOTATION, REMOVED_HASH, ROUTE_ANNOTATION, Credential, Route, SpecError,
     parse_credential, parse_route,
@@ -95,6 +95,7 @@ class Options:
     policy: Policy = field(default_factory=Policy)  # the platform team's bounds (upstreams, images)
     namespace_unwritable: bool = False  # the operator's RBAC does not let it write there (--write-namespace)
     tracing: TracingDefaults = field(default_factory=TracingDefaults)  # chart sidecar.tracing.*
+    store: fleet.StoreSettings | None = None  # shared counters of fleet-scoped limits and budgets
 
 
 def unwritable_message(namespace: str) -> str:
@@ -157,11 +158,12 @@ def evaluate(record: RouteRecord, credentials: Iterable[CredentialRecord], optio
         return state
     state.credential = found.credential
     state.plan = inject.plan_sidecar(route, found.credential, default_image=options.default_image,
-                                     server_version=options.server_version, tracing_defaults=options.tracing)
+                                     server_version=options.server_version, tracing_defaults=options.tracing,
+                                     store=options.store)
     if not with_config:
         return state
     try:
-        state.rendered = render.render(route, found.credential, state.plan.tracing)
+        state.rendered = render.render(route, found.credential, state.plan.tracing, store=options.store)
     except render.RenderError as exc:
         state.config_error = ("InvalidConfig", f"{exc}. The previous config (if any) stays in place.")
     return state
@@ -244,7 +246,7 @@ def plan_namespace(records: Iterable[RouteRecord], credentials: Iterable[Credent
             continue
         plan.statuses[record.name] = route_status(
             plan.states[record.name], served[record.name], lost[record.name],
-            shared[record.name], warnings[record.name])
+            shared[record.name], warnings[record.name], store=options.store)
     return plan
 
 
@@ -267,7 +269,8 @@ def _refs(items: list[tuple[str, str]], limit: int = 5) -> str:
 
 
 def route_status(state: RouteState, served: list[str], lost: list[tuple[str, str]],
-                 shared: list[tuple[str, str]], warnings: list[str]) -> dict[str, Any]:
+                 shared: list[tuple[str, str]], warnings: list[str],
+                 store: fleet.StoreSettings | None = None) -> dict[str, Any]:
     """The full status of a route (conditions without transition times)."""
     record = state.record
     gen = record.generation
@@ -325,6 +328,7 @@ def route_status(state: RouteState, served: list[str], lost: list[tuple[str, str
     }
     if record.route is not None:
         status["configMap"] = record.route.config_map_name
+        status.update(fleet.route_status(record.route, store))
     if state.plan is not None:
         status["configHash"] = state.plan.config_hash
     status["warnings"] = warnings[:MAX_LISTED]

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from vertex_sidecar.config import NAME_RE, ConfigError, parse_config
 
+from vertex_operator import fleet
 from vertex_operator.crd import PROXY_PORT, UPSTREAM_KEYS, Credential, Route, Rule
 from vertex_operator.tracing import EffectiveTracing
 
@@ -45,6 +46,7 @@ class Rendered:
     config: dict[str, Any]
     text: str  # the YAML written into the ConfigMap
     hash: str  # short content hash, stored on the ConfigMap for cheap comparisons
+    files: dict[str, str] = field(default_factory=dict)  # other ConfigMap keys (files beside the config)
 
 
 def credential_entry(credential: Credential) -> dict[str, Any]:
@@ -83,13 +85,23 @@ def tls_settings(route: Route) -> dict[str, Any]:
     return settings
 
 
-def _limits(rule: Rule) -> dict[str, int]:
+def _limits(rule: Rule) -> dict[str, int | str]:
     limits = {
         "requests_per_minute": rule.limits.requests_per_minute,
         "tokens_per_minute": rule.limits.tokens_per_minute,
         "max_body_bytes": rule.limits.max_body_bytes,
+        "scope": rule.limits.scope,
+        "on_store_error": rule.limits.on_store_error,
     }
     return {k: v for k, v in limits.items() if v is not None}
+
+
+def _budget(rule: Rule) -> dict[str, float | str]:
+    if rule.budget is None:
+        return {}
+    budget = {"usd_per_day": rule.budget.usd_per_day, "usd_per_month": rule.budget.usd_per_month,
+              "action": rule.budget.action}
+    return {k: v for k, v in budget.items() if v is not None}
 
 
 def _timeouts(rule: Rule) -> dict[str, float]:
@@ -123,10 +135,13 @@ def _route_entry(rule: Rule, credential_name: str) -> dict[str, Any]:
         entry["limits"] = limits
     if timeouts := _timeouts(rule):
         entry["timeouts"] = timeouts
+    if budget := _budget(rule):
+        entry["budget"] = budget
     return entry
 
 
-def render_config(route: Route, credential: Credential, tracing: EffectiveTracing | None = None) -> dict[str, Any]:
+def render_config(route: Route, credential: Credential, tracing: EffectiveTracing | None = None, *,
+                  store: fleet.StoreSettings | None = None) -> dict[str, Any]:
     """The sidecar config document (not yet validated)."""
     name = credential_key(credential)
     config: dict[str, Any] = {
@@ -146,12 +161,14 @@ def render_config(route: Route, credential: Credential, tracing: EffectiveTracin
     config["routes"] = [_route_entry(rule, name) for rule in route.effective_rules()]
     if tracing is not None:
         config["tracing"] = tracing.config_section()
+    config.update(fleet.store_block(route, store, CONFIG_DIR))
     return config
 
 
-def render(route: Route, credential: Credential, tracing: EffectiveTracing | None = None) -> Rendered:
+def render(route: Route, credential: Credential, tracing: EffectiveTracing | None = None, *,
+           store: fleet.StoreSettings | None = None) -> Rendered:
     """Render and validate with the sidecar's own schema; raises `RenderError`."""
-    config = render_config(route, credential, tracing)
+    config = render_config(route, credential, tracing, store=store)
     try:
         parse_config(config, source=f"VertexRoute {route.namespace}/{route.name}")
     except ConfigError as exc:
@@ -159,7 +176,10 @@ def render(route: Route, credential: Credential, tracing: EffectiveTracing | Non
     header = (f"# Rendered by vertex-operator from VertexRoute {route.namespace}/{route.name}"
               f" and VertexCredential {credential.name}. Do not edit: changes are overwritten.\n")
     text = header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
-    return Rendered(config=config, text=text, hash=content_hash(text))
+    files = fleet.config_files(route, store)
+    digest = content_hash(text + "".join(f"\0{k}\0{v}" for k, v in sorted(files.items()))) if files \
+        else content_hash(text)
+    return Rendered(config=config, text=text, hash=digest, files=files)
 
 
 def content_hash(text: str) -> str:

@@ -59,7 +59,10 @@ def test_native_sidecar_full_pod() -> None:
         "name": "vertex-sidecar",
         "image": IMAGE,
         "command": ["vertex-sidecar", "--config", "/etc/vertex-sidecar/config.yaml"],
-        "env": [{"name": "VERTEX_SIDECAR_ADMIN_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        # The admin host (pod IP); showback: who spends (generateName "chat-", no owner: a bare pod's stem).
+        "env": [{"name": "VERTEX_SIDECAR_ADMIN_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                {"name": "VERTEX_SIDECAR_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                {"name": "VERTEX_SIDECAR_WORKLOAD", "value": "chat"}],
         "ports": [{"name": "vertex-admin", "containerPort": 9464, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
         "securityContext": {
@@ -98,8 +101,9 @@ def test_regular_container_when_not_native() -> None:
     assert [c["name"] for c in pod["spec"]["containers"]] == ["app", "vertex-sidecar"]
     assert "restartPolicy" not in pod["spec"]["containers"][1]
     assert env_of(pod["spec"]["containers"][0])["GOOGLE_GENAI_USE_VERTEXAI"] == "true"
-    # The sidecar itself gets no app env, only its admin host (the pod IP).
-    assert [e["name"] for e in pod["spec"]["containers"][1]["env"]] == ["VERTEX_SIDECAR_ADMIN_HOST"]
+    # The sidecar itself gets no app env, only its admin host (the pod IP) and its showback env.
+    assert [e["name"] for e in pod["spec"]["containers"][1]["env"]] == [
+        "VERTEX_SIDECAR_ADMIN_HOST", "VERTEX_SIDECAR_NAMESPACE", "VERTEX_SIDECAR_WORKLOAD"]
 
 
 @pytest.mark.parametrize(("setting", "version", "native"), [

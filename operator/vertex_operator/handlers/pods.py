@@ -22,13 +22,15 @@ async def inject_sidecar(body: kopf.Body, patch: kopf.Patch, warnings: list[str]
     controller: Controller = memo.controller
     pod = dict(body)
     namespace = body.metadata.namespace or ""
+    indexes = Indexes(kwargs)
     try:
-        result = controller.admit(pod, namespace, Indexes(kwargs))
+        team = await controller.namespace_team(namespace) if controller.selects(pod, namespace, indexes) else None
+        result = controller.admit(pod, namespace, indexes, team=team)
         if result.service_account:
             # Switched to the credential's account: it brings its own imagePullSecrets.
             secrets, problem = await controller.pull_secrets(namespace, result.service_account)
             if secrets:
-                result = controller.admit(pod, namespace, Indexes(kwargs), pull_secrets=secrets)
+                result = controller.admit(pod, namespace, indexes, pull_secrets=secrets, team=team)
             if problem:
                 result.warnings.append(problem)
     except Exception:
