@@ -136,6 +136,12 @@ app.kubernetes.io/component: operator
 - apiGroups: [vertex.passthrough.dev]
   resources: [vertexcredentials/status]
   verbs: [patch]
+{{- if .Values.showback.teamLabel }}
+# Showback: the team label of the namespace a pod is admitted in (read, cached a minute).
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [get]
+{{- end }}
 {{- end -}}
 
 {{- define "vp.operatorWriteRules" -}}
@@ -156,12 +162,6 @@ app.kubernetes.io/component: operator
 - apiGroups: [iam.cnrm.cloud.google.com]
   resources: [iampolicymembers]
   verbs: [get, create, delete]
-{{- if .Values.showback.teamLabel }}
-# Showback: the team label of the namespace a pod is admitted in (read, cached a minute).
-- apiGroups: [""]
-  resources: [namespaces]
-  verbs: [get]
-{{- end }}
 {{- end -}}
 
 {{/* Namespaces the operator must never be granted writes in: the system ones and its own
