@@ -274,10 +274,55 @@ def live() -> dict[str, Any]:
                      rows, variables, ["vertex-passthrough", "gen-ai"])
 
 
+def cost() -> dict[str, Any]:
+    """Showback: spend per team / namespace / workload / model, and budgets used."""
+    scope = 'namespace=~"$namespace", team=~"$team"'
+    spend = f"vertex_sidecar_cost_usd_total{{{scope}}}"
+    in_range = f"increase({spend}[$__range])"
+    budget = 'namespace=~"$namespace", team=~"$team"'
+    # Every sidecar of a route reports its budget and (with a store, fleet-wide) spend: max, not sum.
+    spent = f"max by (namespace, route, period) (vertex_sidecar_budget_spent_usd{{{budget}}})"
+    limit = f"max by (namespace, route, period) (vertex_sidecar_budget_usd{{{budget}}})"
+    rows = [
+        Row("Spend", [
+            Panel("Spend in range (USD)", [(f"sum({in_range})", "USD")], "stat", "currencyUSD", 6, 4),
+            Panel("Spend in range by team (USD)", [(f"sum by (team) ({in_range})", "{{team}}")],
+                  "bargauge", "currencyUSD", 6, 8),
+            Panel("Spend in range by namespace (USD)", [(f"sum by (namespace) ({in_range})", "{{namespace}}")],
+                  "bargauge", "currencyUSD", 6, 8),
+            Panel("Spend in range by model (USD)", [(f"sum by (model) ({in_range})", "{{model}}")],
+                  "bargauge", "currencyUSD", 6, 8),
+            Panel("Spend in range by workload (USD)",
+                  [(f"sum by (namespace, workload) ({in_range})", "{{namespace}}/{{workload}}")],
+                  "table", "currencyUSD", 12, 8),
+            Panel("Spend (USD / hour) by team", [(f"sum by (team) (rate({spend}{RATE})) * 3600", "{{team}}")],
+                  unit="currencyUSD"),
+        ]),
+        Row("Budgets", [
+            Panel("Budget used (%)", [(f"100 * {spent} / {limit}", "{{namespace}}/{{route}} ({{period}})")],
+                  "bargauge", "percent", 12, 8,
+                  "Spend of the current UTC day or month against the route's budget (fleet-wide with a store)."),
+            Panel("Budget spent (USD)", [(spent, "{{namespace}}/{{route}} ({{period}})")],
+                  "table", "currencyUSD", 12, 8),
+            Panel("Requests over budget / min by action",
+                  [(f"sum by (namespace, route, action) (rate(vertex_sidecar_budget_exceeded_total{{{budget}}}"
+                    f"{RATE})) * 60", "{{namespace}}/{{route}} {{action}}")], width=24),
+        ]),
+    ]
+    variables = [
+        _variable_query("team", "Team", "team", "vertex_sidecar_cost_usd_total"),
+        _variable_query("namespace", "Namespace", "namespace", "vertex_sidecar_cost_usd_total"),
+    ]
+    return dashboard("vertex-sidecar-cost", "Vertex sidecar / Cost by team",
+                     "Who spends on Vertex AI (list prices): per team, namespace, workload and model, and how much "
+                     "of each route's budget is used.", rows, variables, ["vertex-passthrough", "gen-ai", "cost"])
+
+
 DASHBOARDS = {
     "vertex-sidecar-overview.json": overview,
     "vertex-sidecar-credentials.json": credentials,
     "vertex-sidecar-live.json": live,
+    "vertex-sidecar-cost.json": cost,
 }
 
 

@@ -425,11 +425,13 @@ def dashboard_variables() -> list[tuple[str, str, str]]:
 EMPTY_HERE = {
     "vertex-sidecar-live.json": None,  # every panel
     "vertex-sidecar-credentials.json": {"Config reloads / min by result"},
+    # No budgets here (tests/integration/test_cost_dashboard.py has them).
+    "vertex-sidecar-cost.json": {"Budget used (%)", "Budget spent (USD)", "Requests over budget / min by action"},
 }
 
 
 def expand(expr: str, window: str) -> str:
-    for variable in ("$namespace", "$route", "$model", "$credential"):
+    for variable in ("$namespace", "$route", "$model", "$credential", "$team"):
         expr = expr.replace(variable, ".*")
     return expr.replace("$__rate_interval", window).replace("$__range", window)
 
@@ -615,4 +617,5 @@ def test_dashboards_are_generated_and_stable() -> None:
         "vertex-sidecar-overview": "Vertex sidecar / Overview",
         "vertex-sidecar-credentials": "Vertex sidecar / Credentials",
         "vertex-sidecar-live": "Vertex sidecar / Live sessions",
+        "vertex-sidecar-cost": "Vertex sidecar / Cost by team",
     }
