@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import re
+from binascii import unhexlify
 from dataclasses import dataclass
 from typing import Iterable
 from urllib.parse import unquote
@@ -25,7 +26,8 @@ BAGGAGE = b"baggage"
 MAX_TRACESTATE = 512  # the spec's limit a vendor must propagate; longer values are dropped
 MAX_BAGGAGE_VALUE = 256  # per recorded entry (span attributes stay small)
 
-_HEX = frozenset(b"0123456789abcdef")
+# version-traceid-parentid-flags, lower-case hex; a later version may append "-..." fields.
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 _ZERO_TRACE = b"0" * 32
 _ZERO_SPAN = b"0" * 16
 _BAGGAGE_KEY = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -44,22 +46,15 @@ class ParentContext:
 
 def parse_traceparent(value: bytes) -> ParentContext | None:
     """The caller's context, or None when the header is absent in effect or malformed."""
-    value = value.strip()
-    if len(value) < 55 or value[2:3] != b"-" or value[35:36] != b"-" or value[52:53] != b"-":
+    match = _TRACEPARENT.fullmatch(value) or _TRACEPARENT.fullmatch(value.strip())
+    if match is None:
         return None
-    version, trace_hex, span_hex, flags_hex = value[:2], value[3:35], value[36:52], value[53:55]
-    if not (_is_hex(version) and _is_hex(trace_hex) and _is_hex(span_hex) and _is_hex(flags_hex)):
-        return None
+    version, trace_hex, span_hex, flags_hex, rest = match.groups()
     if version == b"ff" or trace_hex == _ZERO_TRACE or span_hex == _ZERO_SPAN:
         return None
-    if len(value) > 55 and (version == b"00" or value[55:56] != b"-"):
-        return None  # version 00 has exactly four fields; later versions may append "-..."
-    flags = int(flags_hex, 16)
-    return ParentContext(bytes.fromhex(trace_hex.decode()), bytes.fromhex(span_hex.decode()), bool(flags & 1))
-
-
-def _is_hex(part: bytes) -> bool:
-    return all(byte in _HEX for byte in part)
+    if rest is not None and version == b"00":
+        return None  # version 00 has exactly four fields
+    return ParentContext(unhexlify(trace_hex), unhexlify(span_hex), bool(int(flags_hex, 16) & 1))
 
 
 def format_traceparent(trace_id: bytes, span_id: bytes, sampled: bool) -> bytes:

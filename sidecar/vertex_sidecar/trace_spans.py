@@ -21,7 +21,7 @@ Attributes of our own live under ``vertex_passthrough.*``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .observe import RequestRecord
 from .usage import Usage, operation_from_method
@@ -37,8 +37,18 @@ AttributeValue = str | bool | int | float | tuple[str, ...]
 
 
 @dataclass(slots=True)
+class SharedAttributes:
+    """Attributes that many spans have in common (route, model, host, outcome...): built once
+    per group of alike requests, and encoded once (`otlp_export` keeps the bytes in `encoded`)."""
+
+    items: dict[str, AttributeValue]
+    encoded: bytes | None = None
+
+
+@dataclass(slots=True)
 class SpanData:
-    """One finished span, ready to be encoded (`otlp_export`)."""
+    """One finished span, ready to be encoded (`otlp_export`): `shared` and `attributes`
+    together are its attributes (no key in both)."""
 
     trace_id: bytes
     span_id: bytes
@@ -52,6 +62,7 @@ class SpanData:
     status: int = STATUS_UNSET
     status_message: str = ""
     events: list[tuple[int, str, dict[str, AttributeValue]]] = field(default_factory=list)
+    shared: SharedAttributes | None = None
 
 
 @dataclass(slots=True)
@@ -136,11 +147,86 @@ def _error(record: RequestRecord) -> str | None:
     return None
 
 
-def rest_span(record: RequestRecord, context: SpanContext, *, credential: str | None,
-              server: tuple[str, int] | None) -> SpanData:
-    """The span of one relayed REST request, from its finished record."""
+_OPTIONAL_USAGE = (("cached_input_tokens", "gen_ai.usage.cache_read.input_tokens"),
+                  ("cache_write_tokens", "gen_ai.usage.cache_creation.input_tokens"),
+                  ("reasoning_tokens", "gen_ai.usage.reasoning.output_tokens"))
+
+
+@dataclass(slots=True)
+class _RestGroup:
+    name: str
+    stream: bool
+    status: int
+    status_message: str
+    shared: SharedAttributes
+
+
+class RestSpans:
+    """Builds the span of each relayed REST request from its finished record.
+
+    Requests of the same route, model, location, outcome... share most attributes: those are
+    built (and later encoded) once per such group; a span then costs its ids, times, request
+    id, token counts and cost. The memo is bounded (cleared when full).
+    """
+
+    MAX_GROUPS = 1024
+
+    def __init__(self) -> None:
+        self._groups: dict[tuple[Any, ...], _RestGroup] = {}
+
+    def span(self, record: RequestRecord, context: SpanContext, *,
+             credential: Callable[[str | None], str | None],
+             server: Callable[[RequestRecord], tuple[str, int] | None]) -> SpanData:
+        """`credential` (route name → credential name) and `server` (the answering host and
+        port) are asked once per group; a memo must not outlive the config they answer from."""
+        extra = record.extra
+        fallbacks = int(extra.get("fallbacks") or 0)
+        token_retry = bool(extra.get("token_retry"))
+        caller = extra.get("caller")
+        stream = is_stream(record)
+        key = (record.service, record.method, record.route, record.model, record.publisher, record.operation,
+               record.project, record.location, record.answered_location, record.status, record.upstream_status,
+               record.error_reason, stream, fallbacks, token_retry, caller if isinstance(caller, str) else None)
+        group = self._groups.get(key)
+        if group is None:
+            if len(self._groups) >= self.MAX_GROUPS:
+                self._groups.clear()
+            group = self._groups[key] = _rest_group(record, credential(record.route), server(record), stream,
+                                                    fallbacks, token_retry)
+        shared = group.shared.items
+        attributes: dict[str, AttributeValue] = {}
+        for name, value in context.baggage.items():
+            if name not in shared:  # a caller's baggage never replaces one of ours
+                attributes[name] = value
+        attributes[OURS + "request_id"] = record.request_id
+        if group.stream and record.first_byte_s is not None:
+            attributes["gen_ai.response.time_to_first_chunk"] = round(record.first_byte_s, 6)
+        tokens = extra.get("tokens")
+        if tokens.__class__ is dict:  # telemetry's log dict (an exact type test: ABC checks are slow)
+            attributes["gen_ai.usage.input_tokens"] = int(tokens.get("input_tokens") or 0)
+            attributes["gen_ai.usage.output_tokens"] = int(tokens.get("output_tokens") or 0)
+            if len(tokens) > 3:  # beyond input/output/total: the optional counts
+                for source, name in _OPTIONAL_USAGE:
+                    count = tokens.get(source)
+                    if count:
+                        attributes[name] = int(count)
+        cost = extra.get("cost_usd")
+        if cost.__class__ is float and cost:
+            attributes[OURS + "cost_usd"] = cost
+        start_ns = int(record.wall_time * 1e9)
+        return SpanData(
+            trace_id=context.trace_id, span_id=context.span_id, parent_span_id=context.parent_span_id,
+            trace_state=context.trace_state, name=group.name, start_ns=start_ns,
+            end_ns=start_ns + int((record.duration_s or 0.0) * 1e9), attributes=attributes,
+            status=group.status, status_message=group.status_message, shared=group.shared,
+        )
+
+
+def _rest_group(record: RequestRecord, credential: str | None, server: tuple[str, int] | None, stream: bool,
+                fallbacks: int, token_retry: bool) -> _RestGroup:
     operation = operation_name(record)
-    attributes = _common(record, credential, server, context.baggage)
+    attributes = _common(record, credential, server, {})
+    del attributes[OURS + "request_id"]  # per request, not shared
     if operation is not None:
         attributes["gen_ai.operation.name"] = operation
     attributes["http.request.method"] = record.method
@@ -148,36 +234,25 @@ def rest_span(record: RequestRecord, context: SpanContext, *, credential: str | 
         attributes["http.response.status_code"] = record.status
     if record.upstream_status is not None and record.upstream_status != record.status:
         attributes[OURS + "upstream_status"] = record.upstream_status
-    extra = record.extra
-    fallbacks = extra.get("fallbacks") or 0
-    token_retry = bool(extra.get("token_retry"))
-    resends = int(fallbacks) + int(token_retry)
+    resends = fallbacks + int(token_retry)
     if resends:
         attributes["http.request.resend_count"] = resends
         attributes[OURS + "retry_reasons"] = tuple(
             reason for reason, happened in (("token_refused", token_retry), ("fallback", bool(fallbacks))) if happened)
-    stream = is_stream(record)
     if record.service == "aiplatform" and operation is not None:
         attributes["gen_ai.request.stream"] = stream
-    if stream and record.first_byte_s is not None:
-        attributes["gen_ai.response.time_to_first_chunk"] = round(record.first_byte_s, 6)
-    tokens = extra.get("tokens")
-    if isinstance(tokens, Mapping):
-        attributes.update(usage_attributes(tokens))
-    cost = extra.get("cost_usd")
-    if isinstance(cost, (int, float)) and cost:
-        attributes[OURS + "cost_usd"] = float(cost)
     error = _error(record)
-    start_ns = int(record.wall_time * 1e9)
-    span = SpanData(
-        trace_id=context.trace_id, span_id=context.span_id, parent_span_id=context.parent_span_id,
-        trace_state=context.trace_state, name=_span_name(operation, record),
-        start_ns=start_ns, end_ns=start_ns + int((record.duration_s or 0.0) * 1e9), attributes=attributes,
-    )
     if error is not None:
         attributes["error.type"] = error
-        span.status, span.status_message = STATUS_ERROR, error
-    return span
+    return _RestGroup(name=_span_name(operation, record), stream=stream,
+                      status=STATUS_ERROR if error is not None else STATUS_UNSET, status_message=error or "",
+                      shared=SharedAttributes(attributes))
+
+
+def rest_span(record: RequestRecord, context: SpanContext, *, credential: str | None,
+              server: tuple[str, int] | None) -> SpanData:
+    """The span of one relayed REST request (without the group memo of `RestSpans`)."""
+    return RestSpans().span(record, context, credential=lambda _: credential, server=lambda _: server)
 
 
 def _span_name(operation: str | None, record: RequestRecord) -> str:

@@ -31,14 +31,13 @@ from .routing import RoutingError, origin_for, upstream_template
 from .trace_context import (
     Sampler,
     caller_context,
-    format_traceparent,
     new_span_id,
     new_trace_id,
     parse_key_values,
     propagate,
     sampler_from_env,
 )
-from .trace_spans import SpanContext, live_session_span, live_turn_span, rest_span
+from .trace_spans import RestSpans, SpanContext, live_session_span, live_turn_span
 from .usage import Usage
 
 if TYPE_CHECKING:
@@ -168,6 +167,8 @@ class Tracer:
         self.state = state
         self.exporter = exporter
         self._credentials: tuple[Config | None, dict[str, str]] = (None, {})
+        self._rest_spans = RestSpans()
+        self._rest_spans_config: Config | None = None  # the config its memo was built under
 
     def apply_config(self, config: Config, environ: Mapping[str, str] | None = None) -> None:
         """A reload may change the sample ratio, the baggage keys or switch tracing off (the
@@ -193,8 +194,11 @@ class Tracer:
         context = record.trace
         if context is None:
             return
+        config = self.state.snapshot.config
+        if config is not self._rest_spans_config:  # a reload: credentials or hosts may differ
+            self._rest_spans, self._rest_spans_config = RestSpans(), config
         try:
-            span = rest_span(record, context, credential=self._credential(record.route), server=self._server(record))
+            span = self._rest_spans.span(record, context, credential=self._credential, server=self._server)
         except Exception:  # tracing must never break the relay
             log.exception("tracing: no span for request %s", record.request_id)
             return
@@ -228,10 +232,12 @@ class Tracer:
         if not settings.sampler.sampled(trace_id, parent):
             return None  # not recorded; the caller's traceparent (if any) goes on unchanged
         span_id = new_span_id()
+        trace_hex, span_hex = trace_id.hex(), span_id.hex()
         if settings.continue_caller:
-            propagate(headers, index, format_traceparent(trace_id, span_id, True))
-        record.extra["trace_id"] = trace_id.hex()  # the access log line joins the trace
-        record.extra["span_id"] = span_id.hex()
+            propagate(headers, index, f"00-{trace_hex}-{span_hex}-01".encode())
+        extra = record.extra
+        extra["trace_id"] = trace_hex  # the access log line joins the trace
+        extra["span_id"] = span_hex
         if parent is not None:
             return SpanContext(trace_id, span_id, parent.span_id, parent.trace_state, baggage)
         return SpanContext(trace_id, span_id, b"", "", baggage)

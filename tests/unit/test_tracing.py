@@ -139,7 +139,11 @@ def test_encoding_decodes_with_opentelemetry_proto() -> None:
                                  "gen_ai.request.stream": True, "ttfc": 0.25, "reasons": ("fallback", "x")},
                      events=[(1_500, "first_chunk", {"n": 1})])
     second = SpanData(trace_id=bytes.fromhex(TRACE), span_id=b"\x02" * 8, parent_span_id=b"", name="x",
-                      start_ns=3, end_ns=4, attributes={"gen_ai.request.model": "gemini-2.5-flash", "big": 2 ** 40},
+                      start_ns=3, end_ns=4,
+                      attributes={"gen_ai.request.model": "gemini-2.5-flash", "big": 2 ** 40,
+                                  # written directly, not through KeyValue messages:
+                                  "vertex_passthrough.request_id": "f41adf04", "vertex_passthrough.cost_usd": 1.5e-05,
+                                  "gen_ai.response.time_to_first_chunk": 0.25},
                       status=STATUS_ERROR, status_message="NO_MATCHING_ROUTE")
     body = encoder.request([encoder.span(first), encoder.span(second), encoder.span(first)])  # cached fragments
     message = ExportTraceServiceRequest.FromString(body)
@@ -180,3 +184,37 @@ def test_no_opentelemetry_import_when_tracing_is_off() -> None:
     assert _imports_opentelemetry({}) is False
     assert _imports_opentelemetry({"tracing": {"enabled": False}}) is False
     assert _imports_opentelemetry({"tracing": {"enabled": True}}) is True  # the check can tell
+
+
+def test_rest_spans_share_what_alike_requests_have_in_common() -> None:
+    from vertex_sidecar.observe import RequestRecord
+    from vertex_sidecar.trace_spans import RestSpans, SpanContext
+
+    def record(request_id: str, output_tokens: int) -> RequestRecord:
+        r = RequestRecord.for_request([(b"x-request-id", request_id.encode())], method="POST", service="aiplatform")
+        r.route, r.project, r.location, r.answered_location = "gemini", "p-1", "us-central1", "us-east4"
+        r.model, r.publisher, r.operation, r.status, r.upstream_status = "gemini-2.5-flash", "google", \
+            "generateContent", 200, 200
+        r.extra.update(fallbacks=1, tokens={"input_tokens": 3, "output_tokens": output_tokens, "total_tokens": 9,
+                                            "reasoning_tokens": 2}, cost_usd=0.5)
+        r.finish()
+        return r
+
+    builder, asked = RestSpans(), []
+    context = SpanContext(bytes.fromhex(TRACE), bytes.fromhex(SPAN), b"", "", {"tenant": "t", "gen_ai.request.model": "x"})
+    spans = [builder.span(record(f"r{n}", n), context, credential=lambda route: asked.append(route) or "cred",
+                          server=lambda r: ("us-east4-aiplatform.googleapis.com", 443)) for n in (5, 6)]
+    assert asked == ["gemini"] and spans[0].shared is spans[1].shared  # built once for the group
+    encoder = SpanEncoder({})
+    message = ExportTraceServiceRequest.FromString(encoder.request([encoder.span(s) for s in spans]))
+    decoded = [{kv.key: value_of(kv.value) for kv in span.attributes}
+               for span in message.resource_spans[0].scope_spans[0].spans]
+    for n, attributes in zip((5, 6), decoded):
+        assert attributes["vertex_passthrough.request_id"] == f"r{n}"
+        assert attributes["gen_ai.usage.output_tokens"] == n and attributes["gen_ai.usage.reasoning.output_tokens"] == 2
+        assert attributes["gen_ai.request.model"] == "gemini-2.5-flash"  # baggage never overrides ours
+        assert attributes["tenant"] == "t" and attributes["vertex_passthrough.credential"] == "cred"
+        assert attributes["http.request.resend_count"] == 1 and attributes["vertex_passthrough.cost_usd"] == 0.5
+        assert attributes["server.address"] == "us-east4-aiplatform.googleapis.com"
+    keys = [kv.key for kv in message.resource_spans[0].scope_spans[0].spans[0].attributes]
+    assert len(keys) == len(set(keys))  # no attribute twice
