@@ -452,10 +452,9 @@ def inject(pod: Mapping[str, Any], plan: SidecarPlan, pull_secrets: Sequence[str
             _app_container_ops(patch, ("spec", "initContainers", i), container, plan)
 
     sidecar = sidecar_container(plan)
-    if plan.tracing is not None:  # the pod's k8s.* resource attributes for its spans
-        sidecar["env"] = [*sidecar.get("env", []),
-                          *tracing_env(pod, CONTAINER_NAME, sidecar.get("env", []))]
     sidecar["env"] = sidecar.get("env", []) + showback.sidecar_env(pod, team)  # who spends (metrics, access log)
+    if plan.tracing is not None:  # the pod's k8s.* resource attributes (after showback: its namespace env is reused)
+        sidecar["env"] = [*sidecar["env"], *tracing_env(pod, CONTAINER_NAME, sidecar["env"])]
     if plan.native:
         # First, so that it is up before the other init containers and the app start.
         if init_containers is None:

@@ -26,7 +26,8 @@ TEAM_ENV = SHOWBACK_ENV["team"]
 _CRONJOB_RUN = re.compile(r"^(?P<cronjob>.+)-[0-9]{8,10}$")
 
 
-def _controller(meta: Mapping[str, Any]) -> Mapping[str, Any] | None:
+def controller(meta: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The ownerReference that controls the pod (or its first owner), if any."""
     owners = [o for o in meta.get("ownerReferences") or [] if isinstance(o, Mapping) and o.get("name")]
     return next((o for o in owners if o.get("controller")), owners[0] if owners else None)
 
@@ -34,7 +35,7 @@ def _controller(meta: Mapping[str, Any]) -> Mapping[str, Any] | None:
 def workload_name(pod: Mapping[str, Any]) -> str | None:
     """The name of the workload that owns the pod (None for a pod without a name or owner)."""
     meta = pod.get("metadata") or {}
-    owner = _controller(meta)
+    owner = controller(meta)
     if owner is None:
         # A bare pod: its own name, or its generateName stem.
         return meta.get("name") or (meta.get("generateName") or "").rstrip("-") or None

@@ -17,20 +17,17 @@ downward-API variables listed before it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from vertex_sidecar.showback import SHOWBACK_ENV
-
+from vertex_operator import showback
 from vertex_operator.crd import Tracing
 
 POD_NAME_ENV = "VERTEX_SIDECAR_POD_NAME"
 POD_UID_ENV = "VERTEX_SIDECAR_POD_UID"
 NODE_NAME_ENV = "VERTEX_SIDECAR_NODE_NAME"
-NAMESPACE_ENV = SHOWBACK_ENV["namespace"]  # shared with showback: the same downward-API value
+NAMESPACE_ENV = showback.NAMESPACE_ENV  # the showback env's downward-API namespace, reused
 
-_CRONJOB_RUN = re.compile(r"^(?P<cronjob>.+)-[0-9]{8,10}$")  # a CronJob's Job: NAME-<minutes since epoch>
 _WORKLOAD_KINDS = {"ReplicaSet": "replicaset", "StatefulSet": "statefulset", "DaemonSet": "daemonset",
                    "Job": "job", "ReplicationController": "replicationcontroller"}
 
@@ -82,25 +79,20 @@ def effective_tracing(route: Tracing, defaults: TracingDefaults) -> EffectiveTra
 
 def workload_attributes(pod: Mapping[str, Any]) -> dict[str, str]:
     """`k8s.<kind>.name` of the workload that owns the pod: a ReplicaSet also names its
-    Deployment (its name less the pod-template-hash), a Job its CronJob (by the controller's
-    naming)."""
+    Deployment, a Job its CronJob — the showback workload name (`showback.workload_name`:
+    the ReplicaSet less its pod-template-hash, the Job less the CronJob's run suffix) when it
+    differs from the owner's."""
     meta = pod.get("metadata") or {}
-    owners = [o for o in meta.get("ownerReferences") or [] if isinstance(o, Mapping) and o.get("name")]
-    owner = next((o for o in owners if o.get("controller")), owners[0] if owners else None)
+    owner = showback.controller(meta)
     if owner is None:
         return {}
     kind, name = _WORKLOAD_KINDS.get(str(owner.get("kind"))), str(owner["name"])
     if kind is None:
         return {}
     attributes = {f"k8s.{kind}.name": name}
-    if kind == "replicaset":
-        pod_hash = (meta.get("labels") or {}).get("pod-template-hash")
-        if pod_hash and name.endswith(f"-{pod_hash}"):
-            attributes["k8s.deployment.name"] = name[: -len(pod_hash) - 1]
-    elif kind == "job":
-        run = _CRONJOB_RUN.match(name)
-        if run:
-            attributes["k8s.cronjob.name"] = run["cronjob"]
+    workload = showback.workload_name(pod)
+    if workload and workload != name:
+        attributes["k8s.deployment.name" if kind == "replicaset" else "k8s.cronjob.name"] = workload
     return attributes
 
 

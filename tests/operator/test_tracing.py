@@ -93,6 +93,8 @@ def test_rendered_config_and_pod_env_give_the_sidecar_its_settings() -> None:
     result = inject.inject(pod, plan)
     patched = jsonpatch.apply_patch(copy.deepcopy(pod), result.patch)
     (sidecar,) = [c for c in patched["spec"]["initContainers"] if c["name"] == "vertex-sidecar"]
+    names = [entry["name"] for entry in sidecar["env"]]
+    assert len(names) == len(set(names))  # the showback namespace variable is reused, not repeated
     env = expand(sidecar["env"], {"metadata.name": "chat-7d9f5c-x2k4p", "metadata.uid": "0b1c-uid",
                                   "metadata.namespace": o.NS, "spec.nodeName": "node-7",
                                   "status.podIP": "10.0.0.7"})
