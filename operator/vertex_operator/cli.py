@@ -27,6 +27,13 @@ if TYPE_CHECKING:
     from vertex_operator.controller import Controller
 
 
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vertex-operator",
@@ -56,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --all-namespaces: a namespace where the operator's RBAC lets it write (repeatable; the "
                         "chart passes rbac.workloadNamespaces). Routes and credentials elsewhere report that they "
                         "are not served; an empty value alone: nowhere. Without it: every namespace")
+    p.add_argument("--injection-label", metavar="KEY=VALUE", type=_label,
+                   help="the namespace label the webhook configuration selects (the chart: "
+                        "vertex.passthrough.dev/injection=enabled); routes in namespaces without it say so")
     p.add_argument("--metrics-addr", default="0.0.0.0")
     p.add_argument("--metrics-port", type=int, default=8081, help="Prometheus /metrics port; -1 disables")
     p.add_argument("--resync-interval", type=float, default=300.0, metavar="SECONDS",
@@ -158,6 +168,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         policy=load_policy(args.policy_file),
         # An empty --write-namespace= (the chart with no rbac.workloadNamespaces): nowhere.
         write_namespaces=frozenset(filter(None, args.write_namespace)) if args.write_namespace else None,
+        injection_label=args.injection_label,
         tracing=TracingDefaults(enabled=args.tracing, endpoint=args.tracing_endpoint,
                                 sample_ratio=args.tracing_sample_ratio),
         store=store_from_args(args),

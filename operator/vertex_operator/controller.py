@@ -173,7 +173,7 @@ class Controller:
             with metrics.reconciling(trigger):
                 plan = reconcile.plan_namespace(
                     indexes.routes(namespace), indexes.credentials(namespace),
-                    indexes.workloads(namespace), self._options_for(namespace))
+                    indexes.workloads(namespace), await self._sync_options(namespace, bool(indexes.routes(namespace))))
                 # One refused write (an admission policy on one Deployment, a quota) must not
                 # keep the rest of the namespace, statuses included, from converging.
                 failures: list[tuple[str, BaseException]] = []
@@ -203,6 +203,18 @@ class Controller:
                 if failures:
                     raise SyncError(failures) from failures[0][1]
         return plan
+
+    async def _sync_options(self, namespace: str, has_routes: bool) -> reconcile.Options:
+        options = self._options_for(namespace)
+        label = self.options.injection_label
+        if label is None or not has_routes or options.namespace_excluded or options.namespace_unwritable:
+            return options
+        assert self.kube is not None
+        found = await self.kube.read_namespace(namespace)  # its labels change without an event for us
+        labels = ((found or {}).get("metadata") or {}).get("labels") or {}
+        if labels.get(label[0]) == label[1]:
+            return options
+        return dataclasses.replace(options, missing_label=label)
 
     def _options_for(self, namespace: str) -> reconcile.Options:
         return dataclasses.replace(self.reconcile_options,

@@ -116,6 +116,9 @@ class Kube:
 
     # ------------------------------------------------------------------ service accounts
 
+    async def read_namespace(self, name: str) -> dict[str, Any] | None:
+        return await self._get(self.core.read_namespace, name)
+
     async def read_service_account(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._get(self.core.read_namespaced_service_account, name, namespace)
 

@@ -50,6 +50,10 @@ class Options:
     # workload patches) when it watches every namespace; None: everywhere it watches.
     write_namespaces: frozenset[str] | None = None
 
+    # --injection-label: the namespace label the webhook configuration requires (key, value);
+    # routes in namespaces without it report so instead of rolling workloads. None: no label.
+    injection_label: tuple[str, str] | None = None
+
     def may_write(self, namespace: str) -> bool:
         return self.write_namespaces is None or namespace in self.write_namespaces
     # Tracing for routes whose spec.sidecar.tracing does not say (chart sidecar.tracing.*).

@@ -94,6 +94,7 @@ class Options:
     namespace_excluded: bool = False  # a namespace the webhook never injects (system, the operator's own)
     policy: Policy = field(default_factory=Policy)  # the platform team's bounds (upstreams, images)
     namespace_unwritable: bool = False  # the operator's RBAC does not let it write there (--write-namespace)
+    missing_label: tuple[str, str] | None = None  # the injection label the namespace lacks (--injection-label)
     tracing: TracingDefaults = field(default_factory=TracingDefaults)  # chart sidecar.tracing.*
     store: fleet.StoreSettings | None = None  # shared counters of fleet-scoped limits and budgets
 
@@ -132,6 +133,13 @@ def evaluate(record: RouteRecord, credentials: Iterable[CredentialRecord], optio
         return state
     if options.namespace_unwritable:
         state.blocked = state.config_error = ("NamespaceNotEnabled", unwritable_message(record.namespace))
+        return state
+    if options.missing_label is not None:
+        key, value = options.missing_label
+        message = (f"Namespace {record.namespace!r} has not opted in to injection: the webhook only sees pods of "
+                   f"namespaces labelled {key}={value}, so this route serves nothing and its workloads are left "
+                   f"alone. kubectl label namespace {record.namespace} {key}={value}")
+        state.blocked = state.config_error = ("NamespaceNotOptedIn", message)
         return state
     found = next((c for c in credentials if c.name == route.credential_name), None)
     if found is None:

@@ -297,6 +297,7 @@ def test_operator_args_parse_with_the_operator_cli(variant: str, rendered: dict[
     if not options.webhook:
         assert not find(docs, "MutatingWebhookConfiguration") and "webhook" not in ports
         return
+    assert options.injection_label == ("vertex.passthrough.dev/injection", "enabled")  # the webhook's opt-in
     assert options.webhook_port == ports["webhook"]
     # The operator knows every namespace the webhook never sees (its own via POD_NAMESPACE).
     (hook,) = one(docs, "MutatingWebhookConfiguration")["webhooks"]

@@ -101,6 +101,8 @@ def test_record_exists_and_is_well_formed() -> None:
 WORKLOAD_RESOURCES = {("", "configmaps"), ("", "serviceaccounts"), ("iam.cnrm.cloud.google.com", "iampolicymembers")}
 WORKLOAD_KINDS = {("apps", "deployments"), ("apps", "statefulsets"), ("apps", "daemonsets")}
 SYSTEM = {"kube-system", "kube-public", "kube-node-lease", NAMESPACE}
+# --injection-label (webhook.namespaceOptIn): the operator reads namespaces' labels, cluster-wide.
+NAMESPACE_READ = {("", "namespaces", "get")}
 
 
 def is_workload_write(triple: Triple) -> bool:
@@ -121,6 +123,7 @@ def test_cluster_wide_role_never_writes_workloads(default_docs: Docs) -> None:
     assert writes, "the record has workload writes (ConfigMaps, ServiceAccounts, pod templates)"
     assert set(grants) == {""}, "no rbac.workloadNamespaces: no namespace is granted writes"
     assert grants[""] == watch, sorted(grants[""] ^ watch)  # reading and its own CRs only
+    assert NAMESPACE_READ <= watch
     assert not {t for t in grants[""] if is_workload_write(t)}
 
 
@@ -145,9 +148,10 @@ def test_cluster_wide_writes_only_when_asked_for(rendered: dict[str, Docs]) -> N
 
 def test_namespaced_roles_are_exactly_what_the_operator_uses(rendered: dict[str, Docs]) -> None:
     grants = operator_grants(rendered["namespaced"])
-    assert set(grants) == {"team-a", "team-b"}, "watchNamespaces: a Role per namespace, nothing cluster-wide"
-    for namespace, granted in grants.items():
-        assert_exact(granted, f"Role in {namespace}")
+    assert set(grants) == {"", "team-a", "team-b"}, "watchNamespaces: a Role per namespace"
+    assert grants[""] == NAMESPACE_READ, "cluster-wide only the namespace labels (webhook opt-in)"
+    for namespace in ("team-a", "team-b"):
+        assert_exact(grants[""] | grants[namespace], f"Role in {namespace}")
 
 
 def test_no_variant_grants_anything_in_system_namespaces(rendered: dict[str, Docs]) -> None:
@@ -171,7 +175,7 @@ def test_every_variant_grants_each_served_namespace_exactly_what_it_uses(rendere
         for namespace in namespaces:
             assert_exact(cluster | grants[namespace], f"{name}, namespace {namespace}")
         if not namespaces:  # reading only, or (asked for) everything cluster-wide
-            assert cluster in (watch, recorded()), name
+            assert cluster - NAMESPACE_READ in (watch - NAMESPACE_READ, recorded() - NAMESPACE_READ), name
 
 
 def test_bindings_follow_the_service_account(rendered: dict[str, Docs]) -> None:

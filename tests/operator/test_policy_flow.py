@@ -192,3 +192,30 @@ async def test_namespace_without_write_access_gets_nothing(
     writes = [r for r in kube.api_requests(("kopf/", "vertex-operator/"))
               if r[1] in ("configmaps", "serviceaccounts", "deployments") and r[2] in ("create", "patch", "delete")]
     assert writes == []
+
+
+async def test_route_in_a_namespace_that_did_not_opt_in_says_so(
+        kube: KubeEmulator, cluster: Cluster, start_operator: Any) -> None:
+    await start_operator(injection_label=("vertex.passthrough.dev/injection", "enabled"), resync_seconds=0.3)
+    await create(cluster, o.namespace(), o.credential(), o.deployment(), o.route())
+
+    async def not_opted_in() -> dict[str, Any]:
+        ready = condition(await cluster.get("VertexRoute", o.NS, "gemini"), "Ready")
+        assert ready["reason"] == "NamespaceNotOptedIn", ready
+        return ready
+    ready = await eventually(not_opted_in)
+    assert "kubectl label namespace team-a vertex.passthrough.dev/injection=enabled" in ready["message"]
+    deployment = await cluster.get("Deployment", o.NS, "chat")
+    assert not (deployment["spec"]["template"]["metadata"].get("annotations") or {})  # type: ignore[index]
+
+    # Labelled: the next resync serves it.
+    await cluster._call(cluster.core.patch_namespace, o.NS,
+                        {"metadata": {"labels": {"vertex.passthrough.dev/injection": "enabled"}}},
+                        _content_type="application/merge-patch+json")
+
+    async def served() -> dict[str, Any]:
+        ready = condition(await cluster.get("VertexRoute", o.NS, "gemini"), "ConfigReady")
+        assert ready["status"] == "True", ready
+        return ready
+    await eventually(served)
+    assert await cluster.get("ConfigMap", o.NS, "vertex-sidecar-gemini") is not None
