@@ -63,6 +63,8 @@ class Proxy:
         """`intercepted`: through the forward proxy, the Google host the app dialled; the request
         must name the location its name stands for (intercepted_app.py)."""
         record = RequestRecord.for_request(scope["headers"], method=scope["method"], service=service)
+        if intercepted is not None:
+            record.extra["via_proxy"] = intercepted.name  # the log line says which mode the app used
         self.observer.request_started(record)
         try:
             await self._handle(scope, receive, send, service, subpath, record, intercepted)

@@ -147,6 +147,7 @@ def test_bare_genai_client_generate_and_stream(shared: SidecarProcess, emulator:
     log = new_log_lines(sidecar, before, 2)
     assert len(log) == 2 and all(e["status"] == 200 and e["route"] == "default" for e in log)
     assert all(e["tokens"]["input_tokens"] > 0 for e in log)
+    assert all(e["via_proxy"] == "us-central1-aiplatform.googleapis.com" for e in log)
     metrics = httpx.get(f"{sidecar.admin_url}/metrics").text
     assert re.search(r'vertex_sidecar_requests_total\{[^}]*model="gemini-2.5-flash"[^}]*\} [1-9]', metrics), metrics
     assert re.search(r'vertex_sidecar_proxy_connects_total\{outcome="intercepted",reason="intercepted"\} [1-9]',
