@@ -16,6 +16,7 @@ import json
 import re
 import socket
 import socketserver
+import ssl
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,6 +24,7 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 import requests
+import websockets
 import yaml
 from google import genai
 from google.genai import errors as genai_errors
@@ -280,6 +282,19 @@ async def test_live_api_over_the_tunnel(shared: SidecarProcess, emulator: Server
     entry = wait_until(lambda: [e for e in sidecar.access_log() if e.get("operation") == "BidiGenerateContent"],
                        what="the session's log line")[-1]
     assert entry["status"] == 101 and entry["live"]["turns"] == 1 and entry["tokens"]["input_tokens"] > 0
+
+    # A setup naming another location than the host's is refused before Google is dialled.
+    sessions_before = len(emulator.app.state.live.sessions)
+    url = f"wss://{LOCATION}-aiplatform.googleapis.com/ws/google.cloud.aiplatform.v1beta1.LlmBidiService/" \
+          "BidiGenerateContent"
+    context = ssl.create_default_context(cafile=shared.listening["ca_bundle"])
+    async with websockets.connect(url, ssl=context) as ws:  # HTTPS_PROXY from the environment
+        await ws.send(json.dumps({"setup": {"model": f"projects/{PROJECT}/locations/europe-west4/publishers/google/"
+                                                     "models/gemini-live-2.5-flash"}}))
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
+    assert ws.close_code == 1008 and "europe-west4" in (ws.close_reason or "")
+    assert len(emulator.app.state.live.sessions) == sessions_before
 
 
 # ------------------------------------------------------- other hosts: tunnel, deny, SSRF
