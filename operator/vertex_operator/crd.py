@@ -305,6 +305,7 @@ class SidecarSettings:
     rollout_strategy: RolloutStrategy = "Workload"
     tracing: Tracing = field(default_factory=Tracing)
     interception: bool = False  # the HTTPS forward proxy; apps get HTTPS_PROXY and the CA bundle
+    proxy_other_hosts: str = "tunnel"  # with interception: other HTTPS hosts tunnelled, or "deny" (403)
 
 
 @dataclass(frozen=True)
@@ -456,6 +457,7 @@ def _sidecar(f: _Fields) -> SidecarSettings:
         rollout_strategy=f.choice("rolloutStrategy", ("Workload", "None"), "Workload"),  # type: ignore[arg-type]
         tracing=_tracing(f.sub("tracing")),
         interception=f.boolean("interception", False),
+        proxy_other_hosts=f.choice("proxyOtherHosts", ("tunnel", "deny"), "tunnel"),
     )
     if settings.image_pull_policy not in (None, "Always", "IfNotPresent", "Never"):
         raise SpecError(f"{f.at('imagePullPolicy')}: must be Always, IfNotPresent or Never")

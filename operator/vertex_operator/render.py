@@ -76,6 +76,7 @@ def tls_settings(route: Route) -> dict[str, Any]:
         settings["tls_listen"] = f"127.0.0.1:{route.sidecar.tls.port}"
     if route.sidecar.interception:  # the forward proxy's leaves come from the same pod-local CA
         settings["proxy_listen"] = f"127.0.0.1:{PROXY_PORT}"
+        settings["proxy"] = {"other_hosts": route.sidecar.proxy_other_hosts}  # policy: hot-reloaded
     if not settings:
         return {}
     tls: dict[str, Any] = {"ca_bundle_path": TLS_CA_PATH, "ca_cert_path": TLS_POD_CA_PATH}

@@ -364,7 +364,7 @@ def test_interception_renders_the_proxy_listener_and_needs_a_free_port() -> None
 
     route = parse_route(o.route(sidecar={"interception": True}))
     settings = render.tls_settings(route)
-    assert settings == {"proxy_listen": "127.0.0.1:4080", "tls": {
+    assert settings == {"proxy_listen": "127.0.0.1:4080", "proxy": {"other_hosts": "tunnel"}, "tls": {
         "ca_bundle_path": CA, "ca_cert_path": "/var/run/vertex-sidecar/tls/pod-ca.crt"}}
     from vertex_operator import interception
     assert set(interception.CA_VARS) == {*inject.CA_BUNDLE_ENV, *inject.CA_EXTRA_ENV}

@@ -135,3 +135,13 @@ def test_invalid_values_are_caught_by_the_sidecar_schema() -> None:
     bad = dataclasses.replace(route, base=dataclasses.replace(route.base, fallback_locations=("moon",)))
     with pytest.raises(render.RenderError, match="fallback_locations"):
         render.render(bad, parse_credential(o.credential()))
+
+
+def test_interception_renders_a_config_the_sidecar_accepts() -> None:
+    result = rendered({"sidecar": {"interception": True}})
+    config = parse_config_text(result.text)
+    assert config.proxy_listen is not None and str(config.proxy_listen) == "127.0.0.1:4080"
+    assert config.tls_listen is None and config.tls.ca_bundle_path == render.TLS_CA_PATH
+    assert config.proxy.other_hosts == "tunnel"
+    denied = parse_config_text(rendered({"sidecar": {"interception": True, "proxyOtherHosts": "deny"}}).text)
+    assert denied.proxy.other_hosts == "deny"
