@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import dataclasses
+import logging
 import os
 import re
+import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Sequence
 
 import kopf
 
@@ -46,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve every namespace (the default when no --namespace is given)")
     scope.add_argument("-n", "--namespace", action="append", default=[], metavar="NAMESPACE",
                        help="serve only this namespace (repeatable; exact names: CRD and namespace scanning is off)")
-    p.add_argument("--standalone", action="store_true", help="no peering with other operator instances")
+    p.add_argument("--standalone", action="store_true",
+                   help="a single replica: no leader election (by default replicas elect a leader on a Lease; "
+                        "every replica serves the webhook, only the leader reconciles)")
     p.add_argument("-L", "--liveness", metavar="URL",
                    help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -70,6 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8081, help="Prometheus /metrics port; -1 disables")
     p.add_argument("--resync-interval", type=float, default=300.0, metavar="SECONDS",
                    help="re-converge every route this often (repairs hand-edited ConfigMaps)")
+    le = p.add_argument_group("leader election", "A coordination.k8s.io Lease in the operator's namespace "
+                              "(client-go's rules: a standby takes over at most lease-duration + retry-period "
+                              "after the leader's last renewal, at once when the leader shuts down cleanly).")
+    le.add_argument("--lease-name", default="vertex-operator-leader")
+    le.add_argument("--lease-namespace", help="default: --operator-namespace")
+    le.add_argument("--lease-duration", type=float, default=15.0, metavar="SECONDS")
+    le.add_argument("--renew-deadline", type=float, default=10.0, metavar="SECONDS",
+                    help="the leader stops writing when it could not renew for this long (< lease duration)")
+    le.add_argument("--retry-period", type=float, default=2.0, metavar="SECONDS")
+    le.add_argument("--identity", default=None, help="candidate identity (default: POD_NAME + a random suffix)")
+    p.add_argument("--repair-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="check the running pods of routes this often (pods without the current sidecar)")
+    p.add_argument("--repair-backoff", type=float, default=600.0, metavar="SECONDS",
+                   help="leave a workload restarted by spec.rollout.repair alone this long")
+    p.add_argument("--readiness-addr", default="0.0.0.0")
+    p.add_argument("--readiness-port", type=int, default=8082,
+                   help="GET /readyz (a real AdmissionReview sent to the own webhook), /leader; -1 disables")
+    p.add_argument("--shutdown-delay", type=float, default=0.0, metavar="SECONDS",
+                   help="after SIGTERM keep answering the webhook this long (unready, no longer leading)")
     g = p.add_argument_group("VertexCredential bindings (binding.backend: iamApi)",
                              "The operator calls Google with its own Application Default Credentials.")
     g.add_argument("--iam-endpoint", default=DEFAULT_IAM_ENDPOINT, metavar="URL",
@@ -173,6 +195,17 @@ def options_from_args(args: argparse.Namespace) -> Options:
                                 sample_ratio=args.tracing_sample_ratio),
         store=store_from_args(args),
         team_label=args.showback_team_label or None,
+        lease_name=args.lease_name,
+        lease_namespace=args.lease_namespace,
+        lease_duration=args.lease_duration,
+        renew_deadline=args.renew_deadline,
+        retry_period=args.retry_period,
+        identity=args.identity,
+        readiness_addr=args.readiness_addr,
+        readiness_port=None if args.readiness_port < 0 else args.readiness_port,
+        shutdown_delay=args.shutdown_delay,
+        repair_seconds=args.repair_interval,
+        repair_backoff_seconds=args.repair_backoff,
     )
 
 
@@ -186,34 +219,225 @@ def _ratio(text: str) -> float:
     return value
 
 
+async def _wait_flag(flag: threading.Event | asyncio.Event | None, stopping: asyncio.Event) -> None:
+    """Set `stopping` when the external stop flag is raised (polled: a thread must not block)."""
+    if flag is None:
+        return
+    if isinstance(flag, asyncio.Event):
+        await flag.wait()
+    else:
+        while not flag.is_set():
+            await asyncio.sleep(0.05)
+    stopping.set()
+
+
+async def _until(condition: Any, interval: float = 0.05) -> None:
+    """Poll a condition that another thread changes (no thread is left blocked on it)."""
+    while not condition():
+        await asyncio.sleep(interval)
+
+
+def _own_signals(stopping: asyncio.Event) -> None:
+    """SIGTERM/SIGINT stop the whole process (each kopf operator installs its own handlers,
+    which would stop only itself: ours are put back after every kopf start)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+
+
+async def _first(*aws: Awaitable[Any]) -> None:
+    """Wait until the first of `aws` finishes; cancel the others."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class ReconcilingHalf:
+    """The reconciling kopf operator (the default registry) in a thread with its own loop.
+
+    Its own loop because kopf, when stopping, cancels every task of its loop that started
+    after it did (which would include the serving half's watches and webhook requests);
+    its own Controller because the caches, locks and HTTP sessions belong to that loop.
+    A new one is started at every acquisition of the Lease.
+    """
+
+    def __init__(self, options: Options, common: dict[str, Any], fence: Any = None) -> None:
+        self.options, self.common, self.fence = options, common, fence
+        self.stop_flag, self.ready = threading.Event(), threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name="vertex-operator reconciling", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:  # surfaced by the supervisor
+            self.error = exc
+
+    async def _run(self) -> None:
+        import dataclasses
+
+        from vertex_operator.controller import Controller
+
+        ctl = Controller(dataclasses.replace(self.options, webhook=False))
+        await ctl.start()
+        if self.fence is not None:
+            ctl.fence(self.fence)
+            if self.options.identity is not None and ctl.kube is not None:
+                ctl.kube.api_client.user_agent = f"{ctl.kube.api_client.user_agent} ({self.options.identity})"
+        try:
+            await kopf.operator(memo=kopf.Memo(controller=ctl), stop_flag=self.stop_flag, ready_flag=self.ready,
+                                **self.common)
+        finally:
+            await ctl.close()
+            from vertex_operator import metrics
+
+            metrics.PODS_WITHOUT_SIDECAR.clear()  # only the leader reports them
+
+    def start(self) -> None:
+        self.thread.start()
+
+    async def stop(self) -> None:
+        self.stop_flag.set()
+        await _until(lambda: not self.thread.is_alive())
+
+
 async def run(options: Options, *, stop_flag: threading.Event | asyncio.Event | None = None,
               ready_flag: threading.Event | asyncio.Event | None = None,
               controller: Controller | None = None) -> None:
-    """Run the operator until stopped (signal or `stop_flag`)."""
+    """Run the operator until stopped (signal or `stop_flag`).
+
+    Two kopf operators share one Controller: the serving half (webhook and its indexes,
+    `handlers.serving.SERVING`) runs from start to end; the reconciling half (the default
+    registry) runs only while this replica holds the leader Lease (always with
+    `standalone`). See `vertex_operator.leadership`.
+    """
     # Imported here: registering the handlers is a side effect of the import.
     import vertex_operator.handlers  # noqa: F401
+    from vertex_operator import metrics
     from vertex_operator.controller import Controller
+    from vertex_operator.handlers.serving import SERVING
+    from vertex_operator.leadership import LeaderElector, Timing
     from vertex_operator.metrics import MetricsServer
+    from vertex_operator.readiness import ReadinessServer
 
+    log = logging.getLogger(__name__)
     ctl = controller if controller is not None else Controller(options)
+    stopping = asyncio.Event()
     metrics_server = None
+    readiness_server: ReadinessServer | None = None
+    elector: LeaderElector | None = None
+    watchers: list[asyncio.Task[None]] = [asyncio.create_task(_wait_flag(stop_flag, stopping))]
+    _own_signals(stopping)
     if options.metrics_port is not None:
         metrics_server = MetricsServer(options.metrics_addr, options.metrics_port)
         port = metrics_server.start()
-        logging.getLogger(__name__).info("Metrics on http://%s:%d/metrics", options.metrics_addr, port)
+        log.info("Metrics on http://%s:%d/metrics", options.metrics_addr, port)
+    await ctl.start()
+    assert ctl.kube is not None
+    if options.leader_election:
+        namespace = options.lease_namespace or options.operator_namespace
+        if not namespace:
+            raise ValueError("leader election needs the Lease's namespace (--operator-namespace or "
+                             "POD_NAMESPACE), or --standalone for a single replica")
+        timing = Timing(options.lease_duration, options.renew_deadline, options.retry_period)
+        ctl.kube.lease_timeout = max(timing.retry_period, timing.renew_deadline / 2)
+        elector = LeaderElector(ctl.kube, namespace, options.lease_name, identity=options.identity, timing=timing)
+        ctl.elector = elector
+        # Whose request is whose, in audit logs (and tests); the reconciling half does the same.
+        options = dataclasses.replace(options, identity=elector.identity)
+        ctl.kube.api_client.user_agent = f"{ctl.kube.api_client.user_agent} ({elector.identity})"
+    else:
+        metrics.LEADER.set(1)
+
+    common: dict[str, Any] = dict(clusterwide=options.clusterwide, namespaces=options.namespaces,
+                                  standalone=True)  # kopf's peering is off: the Lease decides
+    serving_stop, serving_ready = asyncio.Event(), asyncio.Event()
+    serving = asyncio.create_task(kopf.operator(
+        registry=SERVING, liveness_endpoint=options.liveness, memo=kopf.Memo(controller=ctl),
+        stop_flag=serving_stop, ready_flag=serving_ready, **common), name="vertex-operator serving")
+    shutting_down = False
+
+    def leader_info() -> dict[str, Any]:
+        if elector is None:
+            return {"leaderElection": False, "leading": True}
+        return {"leaderElection": True, "identity": elector.identity, "leading": elector.holds(),
+                "leader": elector.leader}
+
+    if options.readiness_port is not None:
+        webhook_url = None
+        if ctl.webhook_server is not None:
+            server = ctl.webhook_server
+            webhook_url = lambda: server.url  # noqa: E731
+        readiness_server = ReadinessServer(
+            options.readiness_addr, options.readiness_port, webhook_url=webhook_url,
+            serving=lambda: serving_ready.is_set() and not shutting_down and not serving.done(),
+            leader=leader_info)
+        port = await readiness_server.start()
+        log.info("Readiness on http://%s:%d/readyz", options.readiness_addr, port)
+
+    async def reconcile_while_leading(started: asyncio.Event) -> None:
+        while not stopping.is_set():
+            if elector is not None:
+                await _first(elector.wait_until(True), stopping.wait())
+                if stopping.is_set():
+                    return
+            half = ReconcilingHalf(options, common, fence=elector.check if elector is not None else None)
+            half.start()
+            await _until(lambda: half.ready.is_set() or not half.thread.is_alive())
+            started.set()
+            log.info("Reconciling (%s).", "leader" if elector is not None else "standalone")
+            waits: list[Awaitable[Any]] = [stopping.wait(), _until(lambda: not half.thread.is_alive())]
+            if elector is not None:
+                waits.append(elector.wait_until(False))
+            await _first(*waits)
+            await half.stop()
+            log.info("Stopped reconciling.")
+            if half.error is not None and not stopping.is_set():
+                raise half.error
+
+    reconciling_started = asyncio.Event()
+    reconciler = asyncio.create_task(reconcile_while_leading(reconciling_started), name="vertex-operator leading")
+    elector_stop = asyncio.Event()
+    election = asyncio.create_task(elector.run(elector_stop)) if elector is not None else None
     try:
-        await kopf.operator(
-            clusterwide=options.clusterwide,
-            namespaces=options.namespaces,
-            standalone=options.standalone,
-            liveness_endpoint=options.liveness,
-            memo=kopf.Memo(controller=ctl),
-            stop_flag=stop_flag,
-            ready_flag=ready_flag,
-        )
+        await _first(serving_ready.wait(), asyncio.shield(serving))
+        _own_signals(stopping)
+        if elector is None:
+            await _first(reconciling_started.wait(), asyncio.shield(reconciler), asyncio.shield(serving))
+        if not serving.done() and not reconciler.done():
+            if ready_flag is not None:
+                ready_flag.set()
+            await _first(stopping.wait(), asyncio.shield(serving), asyncio.shield(reconciler))
     finally:
+        shutting_down = True
+        stopping.set()
+        # Reconciling stops first and the Lease is released: a standby takes over at once,
+        # while this replica's webhook keeps answering until the Service forgets it.
+        await asyncio.gather(reconciler, return_exceptions=True)
+        if election is not None:
+            elector_stop.set()
+            await asyncio.gather(election, return_exceptions=True)
+        if options.shutdown_delay > 0 and not serving.done():
+            await asyncio.sleep(options.shutdown_delay)
+        serving_stop.set()
+        await asyncio.gather(serving, return_exceptions=True)
+        for watcher in watchers:
+            watcher.cancel()
+        if readiness_server is not None:
+            await readiness_server.stop()
         if metrics_server is not None:
             metrics_server.stop()
+        await ctl.close()
+    for task in (serving, reconciler):
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -222,6 +446,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_webhook and not (args.webhook_cert and args.webhook_key):
         parser.error("the webhook needs --webhook-cert and --webhook-key (the Helm chart mounts "
                      "them from a Secret); or run with --no-webhook")
+    if not args.standalone and not (args.lease_namespace or args.operator_namespace):
+        parser.error("leader election needs a namespace for its Lease: --operator-namespace (env "
+                     "POD_NAMESPACE) or --lease-namespace; or run a single replica with --standalone")
+    try:
+        from vertex_operator.leadership import Timing
+
+        Timing(args.lease_duration, args.renew_deadline, args.retry_period)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         options = options_from_args(args)
         options = dataclasses.replace(options, store=load_ca(options.store))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import datetime
 import logging
 import time
 from typing import Any, Awaitable, Mapping
@@ -18,11 +19,13 @@ from typing import Any, Awaitable, Mapping
 from kubernetes.client.exceptions import ApiException
 
 from vertex_operator import conditions as cond
-from vertex_operator import inject, metrics, reconcile, render, showback
+from vertex_operator import inject, metrics, reconcile, render, repair, showback
 from vertex_operator.credential_controller import CredentialController
 from vertex_operator.crd import (
-    API_VERSION, MANAGED_BY, MANAGED_BY_LABEL, PREFIX, ROUTE_ANNOTATION, ROUTE_KIND, ROUTE_LABEL,
+    API_VERSION, CREDENTIAL_KIND, CREDENTIAL_PLURAL, MANAGED_BY, MANAGED_BY_LABEL, PREFIX, ROUTE_ANNOTATION, ROUTE_KIND, ROUTE_LABEL,
+    ROUTE_PLURAL,
 )
+from vertex_operator.index_sync import IndexSync
 from vertex_operator.kube import Kube
 from vertex_operator.options import Options
 from vertex_operator.selection import Workload, selecting
@@ -97,6 +100,15 @@ class Indexes:
     def workloads(self, namespace: str) -> list[Workload]:
         return [w for index in WORKLOAD_INDEXES for w in self._get(index, namespace)]
 
+    def admission_keys(self) -> list[tuple[str, str, str]]:
+        """(kind, namespace, name) of every indexed route and credential (what admission reads)."""
+        keys: list[tuple[str, str, str]] = []
+        for index, kind in ((ROUTE_INDEX, ROUTE_KIND), (CREDENTIAL_INDEX, CREDENTIAL_KIND)):
+            found = self._kwargs.get(index)
+            for records in (found.values() if found is not None else ()):
+                keys.extend((kind, r.namespace, r.name) for r in records)
+        return keys
+
 
 def config_map_body(record: reconcile.RouteRecord, rendered: render.Rendered) -> dict[str, Any]:
     assert record.route is not None
@@ -131,12 +143,29 @@ class Controller:
         self._workloads: dict[tuple[str, str, str], Workload] = {}  # last seen, to drop no-op events
         self.credentials = CredentialController(options, kube)
         self._teams: dict[str, tuple[float, str | None]] = {}  # namespace → (expires, team)
+        self.index_sync = IndexSync(self._list_admission_keys)
+        self.elector: Any = None  # the LeaderElector when leader election is on (cli.run sets it)
+        self._pod_findings: dict[str, dict[str, Any]] = {}  # route uid → status.podsWithoutSidecar
+        self._restarted: dict[tuple[str, str, str], float] = {}  # (kind, ns, name) → loop time
+        self._scanned: dict[str, float] = {}  # namespace → loop time of its last pod check
 
     async def start(self) -> None:
         if self.kube is None:
             self.kube = Kube()
         self.credentials.kube = self.kube
         self.server_version = await self.kube.server_version()
+
+    async def _list_admission_keys(self) -> set[tuple[str, str, str]]:
+        assert self.kube is not None
+        namespaces = () if self.options.clusterwide else self.options.namespaces
+        return (await self.kube.list_custom_keys(ROUTE_PLURAL, ROUTE_KIND, namespaces)
+                | await self.kube.list_custom_keys(CREDENTIAL_PLURAL, CREDENTIAL_KIND, namespaces))
+
+    def fence(self, check: Any) -> None:
+        """Make every reconciling write (Kubernetes and Google) call `check` first."""
+        assert self.kube is not None
+        self.kube.write_guard = check
+        self.credentials.google.write_guard = check
 
     async def close(self) -> None:
         await self.credentials.close()
@@ -196,6 +225,8 @@ class Controller:
                         continue  # its new pods would wait for a ConfigMap that is not there
                     await attempt(patch.workload.ref, self._apply_workload(patch))
                 for name, status in plan.statuses.items():
+                    # None clears it once the pods are gone (and compares equal to "absent").
+                    status["podsWithoutSidecar"] = self._pod_findings.get(plan.states[name].record.uid)
                     if name in unwritten:
                         status = reconcile.config_not_written(status, unwritten[name])
                     await attempt(f"status of VertexRoute {name}",
@@ -276,6 +307,78 @@ class Controller:
             metrics.WRITES.labels(ROUTE_KIND, "status").inc()
             self._statuses[record.uid] = {k: v for k, v in status.items() if v is not None}
 
+    # ---------------------------------------------------------------- repair
+
+    async def scan_pods(self, namespace: str, indexes: Indexes) -> bool:
+        """Find running pods that a route selects but that lack its (current) sidecar; report
+        them (status, Event, metric) and, for routes with spec.rollout.repair, restart their
+        workloads. True when a route's findings changed (its status needs writing)."""
+        assert self.kube is not None
+        records = [r for r in indexes.routes(namespace) if r.route is not None and not r.deleting]
+        if not records or namespace in self.options.excluded_namespaces:
+            return False
+        now = asyncio.get_running_loop().time()
+        if now - self._scanned.get(namespace, float("-inf")) < self.options.repair_seconds / 2:
+            return False  # another route's daemon just checked this namespace
+        self._scanned[namespace] = now
+        changed = False
+        states = {r.name: reconcile.evaluate(r, indexes.credentials(namespace), self.reconcile_options,
+                                             with_config=False) for r in records}
+        findings: dict[str, repair.Findings] = {r.name: repair.Findings() for r in records}
+        for pod in await self.kube.list_pods(namespace):
+            chosen = selecting(records, (pod.get("metadata") or {}).get("labels"))
+            if not chosen or (plan := states[chosen[0].name].plan) is None:
+                continue
+            if (problem := repair.classify(pod, plan)) is not None:
+                findings[chosen[0].name].add(pod, *problem)
+        for record in records:
+            found = findings[record.name]
+            for problem, pods in (("missing", found.missing), ("outdated", found.outdated)):
+                metrics.PODS_WITHOUT_SIDECAR.labels(namespace, record.name, problem).set(len(pods))
+            restarted: list[str] = []
+            assert record.route is not None
+            if record.route.repair:
+                for kind, name in sorted(found.owners):
+                    key = (kind, namespace, name)
+                    if now - self._restarted.get(key, float("-inf")) < self.options.repair_backoff_seconds:
+                        continue
+                    stamp = {repair.RESTARTED_AT_ANNOTATION: reconcile_timestamp()}
+                    if await self.kube.patch_template_annotations(kind, namespace, name, stamp):
+                        self._restarted[key] = now
+                        restarted.append(f"{kind}/{name}")
+                        metrics.REPAIRS.labels(kind).inc()
+                        metrics.WRITES.labels(kind, "repair").inc()
+                        logger.info("%s %s/%s restarted: its pods lack the current sidecar of VertexRoute %s.",
+                                    kind, namespace, name, record.name)
+            summary = found.status(restarted) if found.count else None
+            previous = self._pod_findings.get(record.uid)
+            changed = changed or previous != summary
+            if summary is None:
+                self._pod_findings.pop(record.uid, None)
+            else:
+                self._pod_findings[record.uid] = summary
+            if summary is not None and (previous is None or previous["pods"] != summary["pods"] or restarted):
+                message = found.message() + (f" Restarted: {', '.join(restarted)}." if restarted else "")
+                await self._post_event(record, "PodsWithoutSidecar", message)
+        return changed
+
+    async def _post_event(self, record: reconcile.RouteRecord, reason: str, message: str) -> None:
+        assert self.kube is not None
+        now = reconcile_timestamp()
+        try:
+            await self.kube.create_event(record.namespace, {
+                "apiVersion": "v1", "kind": "Event",
+                "metadata": {"generateName": f"{record.name}.", "namespace": record.namespace},
+                "involvedObject": {"apiVersion": API_VERSION, "kind": ROUTE_KIND, "name": record.name,
+                                   "namespace": record.namespace, "uid": record.uid},
+                "reason": reason, "message": message[:1000], "type": "Warning",
+                "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+                "source": {"component": "vertex-operator"}, "reportingComponent": "vertex-operator",
+            })
+        except Exception as exc:  # an Event is a courtesy: the status and the metric say it too
+            logger.warning("Posting an Event of VertexRoute %s/%s failed: %s", record.namespace, record.name,
+                           describe_error(exc))
+
     # ---------------------------------------------------------------- admission
 
     async def pull_secrets(self, namespace: str, account: str) -> tuple[list[str], str | None]:
@@ -350,6 +453,10 @@ class Controller:
             result.warnings.append(f"VertexRoute(s) {others} also select this pod; "
                                    f"VertexRoute {chosen[0].name!r} (the oldest) was applied.")
         return result
+
+
+def reconcile_timestamp() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _config_map_matches(current: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:

@@ -323,6 +323,8 @@ class Route:
     rules: tuple[Rule, ...]
     sidecar: SidecarSettings
     upstreams: Mapping[str, str] = field(default_factory=dict)
+    # spec.rollout.repair: restart the owners of running pods that lack the (current) sidecar.
+    repair: bool = False
 
     @property
     def config_map_name(self) -> str:
@@ -542,6 +544,7 @@ def parse_route(body: Mapping[str, Any]) -> Route:
         rules=tuple(rules),
         sidecar=_sidecar(spec.sub("sidecar")),
         upstreams=upstreams,
+        repair=spec.sub("rollout").boolean("repair", False),
     )
 
 

@@ -167,6 +167,8 @@ class GoogleIam:
         self.backoff = backoff
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
+        # The leader-election fence: called before every policy write (raises to refuse).
+        self.write_guard: Callable[[], None] | None = None
 
     async def close(self) -> None:
         if self._session is not None:
@@ -230,6 +232,8 @@ class GoogleIam:
                                 params={"options.requestedPolicyVersion": str(POLICY_VERSION)})
 
     async def set_policy(self, kind: ResourceKind, target: str, policy: Mapping[str, Any]) -> dict[str, Any]:
+        if self.write_guard is not None:
+            self.write_guard()
         return await self._call(kind, target, "setIamPolicy", {"policy": dict(policy)})
 
     async def update_policy(self, kind: ResourceKind, target: str, edit: Edit,

@@ -36,6 +36,10 @@ WORKLOAD_PATCHERS = {
 }
 
 
+# Client methods that write (the leader fence applies to them; Lease writes use `_lease_call`).
+WRITE_PREFIXES = ("create_", "patch_", "replace_", "delete_")
+
+
 def load_configuration() -> kubernetes.client.Configuration:
     """In-cluster service account first, then KUBECONFIG / ~/.kube/config."""
     configuration = kubernetes.client.Configuration()
@@ -59,11 +63,17 @@ class Kube:
         self.apps = kubernetes.client.AppsV1Api(self.api_client)
         self.custom = kubernetes.client.CustomObjectsApi(self.api_client)
         self.version = kubernetes.client.VersionApi(self.api_client)
+        self.coordination = kubernetes.client.CoordinationV1Api(self.api_client)
+        # The leader-election fence: called before every reconciling write (raises to refuse).
+        self.write_guard: Callable[[], None] | None = None
+        self.lease_timeout = 5.0  # seconds; a hung Lease request must not outlast the renew deadline
 
     def close(self) -> None:
         self.api_client.close()  # type: ignore[no-untyped-call]
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.write_guard is not None and fn.__name__.startswith(WRITE_PREFIXES):
+            self.write_guard()
         # Raw JSON instead of generated models: what we read, we compare and patch as dicts.
         response = await asyncio.to_thread(fn, *args, _preload_content=False, **kwargs)
         data = response.data
@@ -96,6 +106,33 @@ class Kube:
         except (ApiException, KeyError, ValueError, TypeError) as exc:
             logger.warning("Cannot read the Kubernetes version (%s); nativeSidecar: auto means off.", exc)
             return None
+
+    # ------------------------------------------------------------------ leases (leader election)
+
+    async def _lease_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # Never fenced: this is how a replica becomes the leader.
+        response = await asyncio.to_thread(fn, *args, _preload_content=False,
+                                           _request_timeout=self.lease_timeout, **kwargs)
+        return json.loads(response.data) if response.data else None
+
+    async def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = await self._lease_call(self.coordination.read_namespaced_lease, name, namespace)
+            return found
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def create_lease(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        created: dict[str, Any] = await self._lease_call(self.coordination.create_namespaced_lease, namespace,
+                                                         dict(body))
+        return created
+
+    async def replace_lease(self, namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        replaced: dict[str, Any] = await self._lease_call(self.coordination.replace_namespaced_lease, name,
+                                                          namespace, dict(body))
+        return replaced
 
     # ------------------------------------------------------------------ configmaps
 
@@ -182,3 +219,18 @@ class Kube:
     async def delete_custom(self, group: str, version: str, plural: str, namespace: str, name: str) -> bool:
         return await self._delete(self.custom.delete_namespaced_custom_object, group, version, namespace,
                                   plural, name)
+
+    async def list_custom_keys(self, plural: str, kind: str, namespaces: tuple[str, ...] = ()) -> set[tuple[str, str, str]]:
+        """(kind, namespace, name) of our custom resources: in `namespaces`, or everywhere."""
+        pages = ([await self._call(self.custom.list_namespaced_custom_object, GROUP, VERSION, ns, plural)
+                  for ns in namespaces] if namespaces
+                 else [await self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, plural)])
+        return {(kind, (item.get("metadata") or {}).get("namespace") or "", (item.get("metadata") or {}).get("name") or "")
+                for page in pages for item in (page or {}).get("items") or []}
+
+    async def list_pods(self, namespace: str) -> list[dict[str, Any]]:
+        found = await self._call(self.core.list_namespaced_pod, namespace)
+        return list((found or {}).get("items") or [])
+
+    async def create_event(self, namespace: str, body: Mapping[str, Any]) -> None:
+        await self._call(self.core.create_namespaced_event, namespace, dict(body))

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -30,6 +30,29 @@ WRITES = Counter(
 ADMISSIONS = Counter(
     "vertex_operator_admissions_total", "Pods seen by the injection webhook, by result.",
     ["result"], registry=REGISTRY)
+ADMISSION_DURATION = Histogram(
+    "vertex_operator_admission_duration_seconds", "Time to answer one AdmissionReview of the injection webhook.",
+    registry=REGISTRY, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+ADMISSION_PATCHES = Counter(
+    "vertex_operator_admission_patch_operations_total",
+    "JSON patch operations the injection webhook returned (sidecar, volumes, env, ...).", registry=REGISTRY)
+# Leadership: every replica serves the webhook; only the holder of the Lease reconciles.
+LEADER = Gauge(
+    "vertex_operator_leader", "1 while this replica holds the leader Lease (reconciles), else 0.",
+    registry=REGISTRY)
+LEADERSHIP_CHANGES = Counter(
+    "vertex_operator_leadership_changes_total", "Times this replica acquired or lost the leader Lease.",
+    ["change"], registry=REGISTRY)
+PODS_WITHOUT_SIDECAR = Gauge(
+    "vertex_operator_pods_without_sidecar",
+    "Running pods a route selects that lack the sidecar (missing) or carry an outdated one (outdated).",
+    ["namespace", "route", "problem"], registry=REGISTRY)
+REPAIRS = Counter(
+    "vertex_operator_repair_restarts_total", "Workloads restarted because their pods lacked the (current) sidecar.",
+    ["kind"], registry=REGISTRY)
+FENCED_WRITES = Counter(
+    "vertex_operator_fenced_writes_total",
+    "Writes refused locally because this replica did not (surely) hold the leader Lease.", registry=REGISTRY)
 
 
 @contextlib.contextmanager

@@ -61,6 +61,28 @@ class Options:
     # Fleet-wide limits and budgets (issue 11): the store sidecars share, and the showback team.
     store: StoreSettings | None = None
     team_label: str | None = None  # the Namespace label whose value is the pod's showback team
+    # Leader election (off with standalone=True): the Lease, its namespace (default: the
+    # operator's own) and client-go's timings; this replica's identity (default: pod name).
+    lease_name: str = "vertex-operator-leader"
+    lease_namespace: str | None = None
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+    identity: str | None = None
+    # GET /readyz (a real AdmissionReview to the own webhook), /healthz, /leader; None: off.
+    readiness_addr: str = "0.0.0.0"
+    readiness_port: int | None = None
+    # After SIGTERM: unready at once, reconciling stopped and the Lease released, but the
+    # webhook keeps answering this long (until the Service stops sending requests here).
+    shutdown_delay: float = 0.0
+    # The repair loop: how often running pods are checked, and how long a workload it
+    # restarted is left alone (so that a webhook outage does not restart it over and over).
+    repair_seconds: float = 60.0
+    repair_backoff_seconds: float = 600.0
+
+    @property
+    def leader_election(self) -> bool:
+        return not self.standalone
 
     @property
     def excluded_namespaces(self) -> frozenset[str]:

@@ -230,7 +230,8 @@ def test_schema_is_closed() -> None:
     ("webhook.failurePolicy=Sometimes", "failurePolicy"),
     ("webhook.timeoutSeconds=31", "timeoutSeconds"),
     ("operator.logLevel=loud", "logLevel"),
-    ("operator.replicas=2", "replicas"),
+    ("operator.replicas=0", "replicas"),
+    ("operator.leaderElection.retryPeriodSeconds=0", "retryPeriodSeconds"),
     ("operator.watchNamespaces={Team_A}", "watchNamespaces"),
     ("monitoring.podMonitor.interval=often", "interval"),
 ])
@@ -273,13 +274,19 @@ def _policy_args(docs: Docs, container: dict[str, Any], folder: Path) -> list[st
 def test_operator_args_parse_with_the_operator_cli(variant: str, rendered: dict[str, Docs], tmp_path: Path) -> None:
     docs = rendered[variant]
     deployment = one(docs, "Deployment")
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate",
+                                              "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
     container = _operator_container(docs)
     options = cli.options_from_args(cli.build_parser().parse_args(_policy_args(docs, container, tmp_path)))
     ports = _ports(container)
-    # One instance, no peering objects (nothing in RBAC for them) and no kopf-managed webhook
+    # Leader election on a Lease (no kopf peering objects) and no kopf-managed webhook
     # configuration (the chart owns it: no cluster-wide webhook write access).
-    assert options.standalone is True
+    assert options.leader_election and options.standalone is None
+    assert options.lease_name == f"{deployment['metadata']['name']}-leader"
+    assert options.readiness_port == ports["ready"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ready"}
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
     assert options.webhook_managed is None
     assert options.liveness == f"http://0.0.0.0:{ports['health']}/healthz"
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -305,6 +312,30 @@ def test_operator_args_parse_with_the_operator_cli(variant: str, rendered: dict[
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert options.webhook_cert == f"{mounts['webhook-tls']}/tls.crt"
     assert options.webhook_key == f"{mounts['webhook-tls']}/tls.key"
+
+
+def test_replicas_survive_drains_and_spread_over_nodes_and_zones(rendered: dict[str, Docs]) -> None:
+    docs = rendered["default"]
+    deployment = one(docs, "Deployment")
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"] == {"minAvailable": 1, "selector": {"matchLabels": selector}}
+    assert pdb["metadata"]["namespace"] == NAMESPACE
+    spread = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in spread} == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    assert all(c["labelSelector"] == {"matchLabels": selector} for c in spread)
+    template = deployment["spec"]["template"]["spec"]
+    # The webhook keeps answering during the shutdown delay, well inside the grace period.
+    (container,) = template["containers"]
+    options = cli.options_from_args(cli.build_parser().parse_args(container["args"]))
+    assert options.shutdown_delay < template["terminationGracePeriodSeconds"]
+    assert options.renew_deadline < options.lease_duration
+
+
+def test_a_single_replica_has_no_disruption_budget() -> None:
+    docs = render(sets=("operator.replicas=1",))
+    assert find(docs, "PodDisruptionBudget") == []
+    assert one(docs, "Deployment")["spec"]["replicas"] == 1
 
 
 def test_webhook_configuration_matches_what_the_operator_serves(default_docs: Docs) -> None:

@@ -25,12 +25,31 @@ Triple = tuple[str, str, str]
 # Granted although the kmock-based tests cannot observe the request. Keep it short and
 # say why; everything else must come from the record.
 ALLOWLIST: dict[Triple, str] = {
-    # (none yet: kopf's Events are recorded, peering is off with --standalone, and the
-    # webhook configuration belongs to the chart.)
+    # (none yet: kopf's Events are recorded, kopf's peering is off (the operator elects its
+    # leader on a Lease, recorded by tests/operator/test_leadership.py), and the webhook
+    # configuration belongs to the chart.)
 }
 
 
+LEADER_ELECTION = "leader-election"  # app.kubernetes.io/component of the Lease Role
+
+
+def is_lease(triple: Triple) -> bool:
+    return triple[:2] == ("coordination.k8s.io", "leases")
+
+
 def recorded() -> set[Triple]:
+    """The recorded requests, except leader election's (a Role of their own, see below)."""
+    return {t for t in recorded_all() if not is_lease(t)}
+
+
+def recorded_leases() -> set[Triple]:
+    found = {t for t in recorded_all() if is_lease(t)}
+    assert found, "no Lease requests recorded: run tests/operator/test_leadership.py with VERTEX_RBAC_UPDATE=1"
+    return found
+
+
+def recorded_all() -> set[Triple]:
     if not RECORD.exists():
         pytest.skip(f"{RECORD.relative_to(ROOT)} is absent: run the operator tests with "
                     "VERTEX_RBAC_UPDATE=1 to record the operator's API requests")
@@ -42,8 +61,9 @@ def recorded() -> set[Triple]:
     return triples
 
 
-def operator_grants(docs: Docs) -> dict[str, set[Triple]]:
-    """Granted (group, resource, verb) by scope: "" for cluster-wide, else the namespace."""
+def operator_grants(docs: Docs, component: str | None = None) -> dict[str, set[Triple]]:
+    """Granted (group, resource, verb) by scope: "" for cluster-wide, else the namespace.
+    `component` None: every binding except leader election's; else only that component's."""
     deployment = one(docs, "Deployment")
     account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
     roles: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -62,6 +82,9 @@ def operator_grants(docs: Docs) -> dict[str, set[Triple]]:
         role_ns = scope if ref["kind"] == "Role" else ""
         role = roles.get((ref["kind"], role_ns, ref["name"]))
         assert role is not None, f"{binding['kind']} {binding['metadata']['name']} refers to a missing {ref}"
+        is_election = (role["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == LEADER_ELECTION
+        if is_election != (component == LEADER_ELECTION):
+            continue
         grants[scope] |= expand(role["rules"])
     return dict(grants)
 
@@ -205,3 +228,11 @@ def test_user_facing_roles_never_grant_credentials_write(all_docs: Docs) -> None
         for group, resource, verb in expand(role["rules"]):
             if resource.startswith("vertexcredentials"):
                 assert verb in ("get", "list", "watch"), (role["metadata"]["name"], resource, verb)
+
+
+def test_leader_election_is_a_role_in_the_release_namespace_only(rendered: dict[str, Docs]) -> None:
+    for name, docs in rendered.items():
+        grants = operator_grants(docs, LEADER_ELECTION)
+        assert grants == {NAMESPACE: recorded_leases()}, name
+        for scope, granted in operator_grants(docs).items():
+            assert not {t for t in granted if is_lease(t)}, (name, scope)

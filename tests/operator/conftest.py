@@ -346,6 +346,11 @@ async def start_operator(kube: KubeEmulator, kubeconfig: pathlib.Path,
     for op in running:
         if op.thread.is_alive():
             await op.stop()
+    check_requests(kube)
+
+
+def check_requests(kube: KubeEmulator) -> None:
+    """Record the operator's API requests; they must all be in the RBAC record."""
     made = set(kube.api_requests(OPERATOR_AGENTS))
     OBSERVED_REQUESTS.update(made)
     if not UPDATE_RBAC:

@@ -22,6 +22,7 @@ Everything else (routing, discovery, watch streams, the request log) is kmock's.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import datetime
 import itertools
@@ -133,6 +134,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self._rv = itertools.count(1000)
         self._faults: list[list[Any]] = []
+        self._delays: list[tuple[str, re.Pattern[str], float, str]] = []
         self.resources.load_bundled()
         for key, info in crd_resources().items():
             self.resources[key] = info
@@ -151,6 +153,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
     def fail(self, method: str, path: str, status: int = 500, times: int = 1) -> None:
         """Fault injection: answer the next `times` matching requests with `status`."""
         self._faults.append([method, re.compile(path), status, times])
+
+    def slow(self, method: str, path: str, seconds: float, user_agent: str = "") -> None:
+        """Answer every matching request (of clients whose User-Agent starts with `user_agent`)
+        `seconds` late; a write still happens, after the wait."""
+        self._delays.append((method, re.compile(path), seconds, user_agent))
 
     # -- plumbing
 
@@ -184,6 +191,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
     # -- dispatch
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        for method, path, seconds, agent in self._delays:
+            if (request.method.value == method and path.search(request.url.path)
+                    and request.headers.get("User-Agent", "").startswith(agent)):
+                await asyncio.sleep(seconds)
         for fault in self._faults:
             method, path, status, times = fault
             if times > 0 and request.method.value == method and path.search(request.url.path):

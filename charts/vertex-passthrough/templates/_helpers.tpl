@@ -118,6 +118,10 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+# The repair loop lists the pods of namespaces with routes (pods lacking the sidecar).
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
 # Workloads: watched (indexes); patched only where vp.operatorWriteRules are granted.
 - apiGroups: [apps]
   resources: [deployments, statefulsets, daemonsets]

@@ -8,8 +8,10 @@ the operator's memo as `memo.controller`):
 * `routes`  — VertexRoute lifecycle, and the credential/workload events that affect routes.
 * `credentials` — VertexCredential lifecycle: service accounts, IAM grants, status.
 * `pods`    — the Pod CREATE mutating webhook that injects the sidecar.
+* `serving` — the registry of the serving half (every replica): webhook + its indexes;
+  everything else is the reconciling half (the default registry, the Lease holder only).
 """
 
-from vertex_operator.handlers import credentials, indexes, pods, routes, setup
+from vertex_operator.handlers import credentials, indexes, pods, routes, serving, setup
 
-__all__ = ["credentials", "indexes", "pods", "routes", "setup"]
+__all__ = ["credentials", "indexes", "pods", "routes", "serving", "setup"]

@@ -43,7 +43,9 @@ async def credential_finalize(body: kopf.Body, retry: int, memo: Any, logger: ko
                                   delay=retry_delay(retry)) from exc
 
 
-@kopf.daemon(GROUP, VERSION, CREDENTIAL_PLURAL, cancellation_timeout=5.0)
+# Cancelled 1 s after a stop request at the latest (a leader that steps down must not
+# linger: a standby takes over only after it stopped); re-checks are level-based.
+@kopf.daemon(GROUP, VERSION, CREDENTIAL_PLURAL, cancellation_timeout=1.0)
 async def credential_recheck(stopped: kopf.DaemonStopped, body: kopf.Body, uid: str, memo: Any,
                              logger: kopf.Logger, **_: Any) -> None:
     """Re-converge when due: grants propagated, Config Connector progress, retries, resync."""

@@ -59,7 +59,7 @@ async def route_deleted(namespace: str | None, uid: str, retry: int, memo: Any, 
     controller.forget(uid)
 
 
-@kopf.daemon(GROUP, VERSION, ROUTE_PLURAL, cancellation_timeout=5.0)
+@kopf.daemon(GROUP, VERSION, ROUTE_PLURAL, cancellation_timeout=1.0)
 async def route_resync(stopped: kopf.DaemonStopped, namespace: str | None, uid: str, memo: Any,
                        logger: kopf.Logger, **kwargs: Any) -> None:
     """Re-converge now and then: repairs ConfigMaps edited by hand and missed events."""
@@ -107,3 +107,21 @@ async def workload_changed(body: kopf.Body, type: str, namespace: str | None, re
         await controller.sync(ns, indexes, trigger="workload")
     except Exception as exc:
         logger.warning("Re-syncing namespace %s after a %s change failed: %s", namespace, workload.ref, exc)
+
+
+@kopf.daemon(GROUP, VERSION, ROUTE_PLURAL, cancellation_timeout=1.0)
+async def route_repair(stopped: kopf.DaemonStopped, namespace: str | None, memo: Any, logger: kopf.Logger,
+                       **kwargs: Any) -> None:
+    """Now and then: running pods the route selects without the (current) sidecar are reported,
+    and with spec.rollout.repair their workloads restarted (see vertex_operator.repair)."""
+    controller: Controller = memo.controller
+    while not stopped:
+        await stopped.wait(controller.options.repair_seconds)
+        if stopped:
+            break
+        indexes = Indexes(kwargs)
+        try:
+            if await controller.scan_pods(namespace or "", indexes):
+                await controller.sync(namespace or "", indexes, trigger="repair")
+        except Exception as exc:  # the next round retries; kopf would stop the daemon
+            logger.warning("Checking the pods of namespace %s failed: %s", namespace, describe_error(exc))

@@ -29,14 +29,8 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, logger: kopf.Log
     settings.posting.reporting_component = "vertex-operator"
     # CRDs come with the chart before the operator starts; no need to watch for new ones.
     settings.scanning.disabled = True
-    settings.admission.server = controller.webhook_server
-    settings.admission.managed = options.webhook_managed
-    await controller.start()
+    # The webhook is served by the serving half (handlers.serving), in every replica.
     logger.info("vertex-operator ready (Kubernetes %s, default sidecar image %s).",
                 ".".join(map(str, controller.server_version or ())) or "version unknown",
                 options.sidecar_image)
 
-
-@kopf.on.cleanup()
-async def cleanup(memo: Any, **_: Any) -> None:
-    await memo.controller.close()
