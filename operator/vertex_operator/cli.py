@@ -446,6 +446,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_webhook and not (args.webhook_cert and args.webhook_key):
         parser.error("the webhook needs --webhook-cert and --webhook-key (the Helm chart mounts "
                      "them from a Secret); or run with --no-webhook")
+    try:
+        options = options_from_args(args)
+        options = dataclasses.replace(options, store=load_ca(options.store))
+    except (PolicyError, ValueError) as exc:
+        parser.error(str(exc))
     if not args.standalone and not (args.lease_namespace or args.operator_namespace):
         parser.error("leader election needs a namespace for its Lease: --operator-namespace (env "
                      "POD_NAMESPACE) or --lease-namespace; or run a single replica with --standalone")
@@ -454,11 +459,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         Timing(args.lease_duration, args.renew_deadline, args.retry_period)
     except ValueError as exc:
-        parser.error(str(exc))
-    try:
-        options = options_from_args(args)
-        options = dataclasses.replace(options, store=load_ca(options.store))
-    except (PolicyError, ValueError) as exc:
         parser.error(str(exc))
     kopf.configure(verbose=args.verbose, debug=args.debug, quiet=args.quiet)
     if not args.quiet:

@@ -40,6 +40,12 @@ APP_ENV_NAMES = ("GOOGLE_VERTEX_BASE_URL", "GOOGLE_GENAI_USE_VERTEXAI",
                  "GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION", *CA_BUNDLE_ENV, *CA_EXTRA_ENV)
 TRUST_VOLUME = "vertex-sidecar-trust"
 
+# How long the app waits for the sidecar to be ready at pod start, and how long a regular
+# (non-native) sidecar keeps serving after the pod is told to stop.
+STARTUP_SECONDS = 120
+LINGER_SECONDS = 10
+DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
+
 # Native sidecars (init containers with restartPolicy: Always) are on by default from 1.29.
 NATIVE_SIDECAR_MIN_VERSION = (1, 29)
 
@@ -207,10 +213,10 @@ def sidecar_container(plan: SidecarPlan) -> dict[str, Any]:
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        # Startup gates the app containers when native: the process is up and listening.
-        # Readiness waits for the first Google token, so a pod with a broken credential
-        # never receives traffic; liveness only checks the process.
-        "startupProbe": {**probe("/healthz", 1, 60), "timeoutSeconds": 1},
+        # Startup gates the app containers when native: they start once the sidecar can
+        # serve (/readyz: it holds a Google token), never before. Readiness keeps checking
+        # that; liveness only checks the process.
+        "startupProbe": {**probe("/readyz", 1, STARTUP_SECONDS), "timeoutSeconds": 1},
         "readinessProbe": probe("/readyz", 5, 3),
         "livenessProbe": probe("/healthz", 10, 3),
         "volumeMounts": mounts,
@@ -219,6 +225,16 @@ def sidecar_container(plan: SidecarPlan) -> dict[str, Any]:
         container["imagePullPolicy"] = plan.image_pull_policy
     if plan.native:
         container["restartPolicy"] = "Always"
+    else:
+        # A regular container (below 1.29): first in the pod, and the kubelet starts the next
+        # container only after this postStart returned, i.e. once /readyz answers. On
+        # termination it lingers in preStop while the app finishes its last calls.
+        ready_url = f"http://127.0.0.1:{plan.admin_port}/readyz"
+        container["lifecycle"] = {
+            "postStart": {"exec": {"command": ["vertex-sidecar", "--wait-ready", ready_url,
+                                               "--wait-timeout", str(STARTUP_SECONDS)]}},
+            "preStop": {"exec": {"command": ["vertex-sidecar", "--linger", str(LINGER_SECONDS)]}},
+        }
     return container
 
 
@@ -462,7 +478,12 @@ def inject(pod: Mapping[str, Any], plan: SidecarPlan, pull_secrets: Sequence[str
         else:
             patch.append({"op": "add", "path": "/spec/initContainers/0", "value": sidecar})
     else:
-        # Last, so that `kubectl logs`/`exec` keep defaulting to the app container.
-        _append(patch, ("spec", "containers"), spec.get("containers"), [sidecar])
+        # First, so that the app containers start after it (see sidecar_container); the
+        # default-container annotation keeps `kubectl logs`/`exec` on the app.
+        containers = spec.get("containers") or []
+        if containers and DEFAULT_CONTAINER_ANNOTATION not in (annotations or {}):
+            patch.append({"op": "add", "path": _pointer("metadata", "annotations", DEFAULT_CONTAINER_ANNOTATION),
+                          "value": containers[0].get("name", "")})
+        patch.append({"op": "add", "path": "/spec/containers/0", "value": sidecar})
     return Injection(patch=patch, service_account=switched, warnings=[
         f"VertexRoute {plan.route_name!r}: {w}" for w in interception_warnings(spec, plan)])

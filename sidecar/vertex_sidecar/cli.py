@@ -315,6 +315,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--check-config", action="store_true", help="validate the config and exit")
     parser.add_argument("--log-level", default=os.environ.get("VERTEX_SIDECAR_LOG_LEVEL", "info"))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    hooks = parser.add_argument_group("lifecycle hooks (a regular container below Kubernetes 1.29)")
+    hooks.add_argument("--wait-ready", metavar="URL", help="poll URL until 200 and exit (postStart)")
+    hooks.add_argument("--wait-timeout", type=float, default=120.0, metavar="SECONDS")
+    hooks.add_argument("--linger", type=float, metavar="SECONDS", help="sleep, then exit (preStop)")
     return parser.parse_args(argv)
 
 
@@ -332,6 +336,12 @@ def raise_open_file_limit() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.wait_ready or args.linger is not None:
+        from vertex_sidecar import lifecycle
+
+        if args.wait_ready:
+            return lifecycle.wait_ready(args.wait_ready, args.wait_timeout)
+        return lifecycle.linger(args.linger)
     setup_logging(args.log_level)
     raise_open_file_limit()
     try:

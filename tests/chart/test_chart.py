@@ -314,7 +314,7 @@ def test_operator_args_parse_with_the_operator_cli(variant: str, rendered: dict[
     assert options.webhook_key == f"{mounts['webhook-tls']}/tls.key"
 
 
-def test_replicas_survive_drains_and_spread_over_nodes_and_zones(rendered: dict[str, Docs]) -> None:
+def test_replicas_survive_drains_and_spread_over_nodes_and_zones(rendered: dict[str, Docs], tmp_path: Path) -> None:
     docs = rendered["default"]
     deployment = one(docs, "Deployment")
     selector = deployment["spec"]["selector"]["matchLabels"]
@@ -327,7 +327,7 @@ def test_replicas_survive_drains_and_spread_over_nodes_and_zones(rendered: dict[
     template = deployment["spec"]["template"]["spec"]
     # The webhook keeps answering during the shutdown delay, well inside the grace period.
     (container,) = template["containers"]
-    options = cli.options_from_args(cli.build_parser().parse_args(container["args"]))
+    options = cli.options_from_args(cli.build_parser().parse_args(_policy_args(docs, container, tmp_path)))
     assert options.shutdown_delay < template["terminationGracePeriodSeconds"]
     assert options.renew_deadline < options.lease_duration
 
@@ -468,7 +468,8 @@ def test_monitoring_objects_only_when_enabled(rendered: dict[str, Docs]) -> None
 
 def test_monitors_carry_additional_labels(all_docs: Docs) -> None:
     for kind in MONITORING_KINDS:
-        assert one(all_docs, kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        found = find(all_docs, kind)
+        assert found and all(d["metadata"]["labels"]["release"] == "kube-prometheus-stack" for d in found), kind
 
 
 def test_pod_monitor_scrapes_the_sidecar_admin_port(all_docs: Docs) -> None:
@@ -489,8 +490,10 @@ def test_service_monitor_selects_the_operator_metrics_service(all_docs: Docs) ->
 
 
 def test_prometheus_rule_wraps_the_rule_file_unchanged(all_docs: Docs) -> None:
-    source = yaml.safe_load((CHART / "files" / "alerts" / "vertex-sidecar.rules.yaml").read_text())
-    assert one(all_docs, "PrometheusRule")["spec"]["groups"] == source["groups"]
+    for name in ("sidecar", "operator"):
+        source = yaml.safe_load((CHART / "files" / "alerts" / f"vertex-{name}.rules.yaml").read_text())
+        rule = one(all_docs, "PrometheusRule", f"{RELEASE}-vertex-passthrough-{name}")
+        assert rule["spec"]["groups"] == source["groups"]
 
 
 def test_dashboards_are_configmaps_for_the_grafana_sidecar(all_docs: Docs) -> None:

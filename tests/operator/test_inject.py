@@ -70,8 +70,8 @@ def test_native_sidecar_full_pod() -> None:
             "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False, "privileged": False,
             "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "startupProbe": {"httpGet": {"path": "/healthz", "port": 9464}, "periodSeconds": 1,
-                         "timeoutSeconds": 1, "failureThreshold": 60},
+        "startupProbe": {"httpGet": {"path": "/readyz", "port": 9464}, "periodSeconds": 1,
+                         "timeoutSeconds": 1, "failureThreshold": 120},
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": 9464}, "periodSeconds": 5,
                            "timeoutSeconds": 2, "failureThreshold": 3},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": 9464}, "periodSeconds": 10,
@@ -98,11 +98,19 @@ def test_regular_container_when_not_native() -> None:
     plan = make_plan({"sidecar": {"nativeSidecar": "false"}})
     pod = apply(make_pod(), plan)
     assert "initContainers" not in pod["spec"]
-    assert [c["name"] for c in pod["spec"]["containers"]] == ["app", "vertex-sidecar"]
-    assert "restartPolicy" not in pod["spec"]["containers"][1]
-    assert env_of(pod["spec"]["containers"][0])["GOOGLE_GENAI_USE_VERTEXAI"] == "true"
+    # First: the kubelet starts the app only after the sidecar's postStart (ready) returned.
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["vertex-sidecar", "app"]
+    sidecar = pod["spec"]["containers"][0]
+    assert "restartPolicy" not in sidecar
+    assert sidecar["lifecycle"] == {
+        "postStart": {"exec": {"command": ["vertex-sidecar", "--wait-ready", "http://127.0.0.1:9464/readyz",
+                                           "--wait-timeout", "120"]}},
+        "preStop": {"exec": {"command": ["vertex-sidecar", "--linger", "10"]}},
+    }
+    assert pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "app"
+    assert env_of(pod["spec"]["containers"][1])["GOOGLE_GENAI_USE_VERTEXAI"] == "true"
     # The sidecar itself gets no app env, only its admin host (the pod IP) and its showback env.
-    assert [e["name"] for e in pod["spec"]["containers"][1]["env"]] == [
+    assert [e["name"] for e in sidecar["env"]] == [
         "VERTEX_SIDECAR_ADMIN_HOST", "VERTEX_SIDECAR_NAMESPACE", "VERTEX_SIDECAR_WORKLOAD"]
 
 
