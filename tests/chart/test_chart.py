@@ -352,7 +352,24 @@ def test_webhook_configuration_matches_what_the_operator_serves(default_docs: Do
     assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
                               "resources": ["pods"], "scope": "Namespaced"}]
     assert hook["sideEffects"] == "None" and hook["admissionReviewVersions"] == ["v1"]
-    assert (hook["failurePolicy"], hook["timeoutSeconds"]) == ("Ignore", 5)
+    assert (hook["failurePolicy"], hook["timeoutSeconds"]) == ("Fail", 5)
+
+
+def test_failure_policy_fail_is_scoped_to_opted_in_namespaces(default_docs: Docs) -> None:
+    # Fail by default, but only pods of namespaces labelled for injection ever reach the
+    # webhook: an outage never blocks unrelated pods, and never lets a selected one start bare.
+    (hook,) = one(default_docs, "MutatingWebhookConfiguration")["webhooks"]
+    assert hook["failurePolicy"] == "Fail"
+    assert {"key": "vertex.passthrough.dev/injection", "operator": "In",
+            "values": ["enabled"]} in hook["namespaceSelector"]["matchExpressions"]
+    # Without the opt-in every namespace would call it: then an outage must not block pods.
+    (hook,) = one(render(sets=("webhook.namespaceOptIn=false",)), "MutatingWebhookConfiguration")["webhooks"]
+    assert hook["failurePolicy"] == "Ignore"
+    (hook,) = one(render(sets=("webhook.namespaceOptIn=false", "webhook.failurePolicy=Fail")),
+                  "MutatingWebhookConfiguration")["webhooks"]
+    assert hook["failurePolicy"] == "Fail"  # chosen explicitly
+    (hook,) = one(render(sets=("webhook.failurePolicy=Ignore",)), "MutatingWebhookConfiguration")["webhooks"]
+    assert hook["failurePolicy"] == "Ignore"
 
 
 def _excluded(hook: dict[str, Any]) -> set[str]:

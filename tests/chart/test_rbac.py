@@ -158,7 +158,8 @@ def test_workload_writes_are_bound_per_listed_namespace(rendered: dict[str, Docs
     for namespace in ("team-a", "team-b"):
         assert grants[namespace] == writes, namespace  # cluster ∪ namespace = exactly what it uses
         assert_exact(grants[""] | grants[namespace], f"namespace {namespace}")
-    bindings = [d for d in rendered["workload-namespaces"] if d["kind"] == "RoleBinding"]
+    bindings = [d for d in rendered["workload-namespaces"] if d["kind"] == "RoleBinding"
+                and not d["metadata"]["name"].endswith(f"-{LEADER_ELECTION}")]
     assert {b["metadata"]["namespace"] for b in bindings} == {"team-a", "team-b"}
     assert all(b["roleRef"]["kind"] == "ClusterRole" for b in bindings)
 

@@ -174,8 +174,9 @@ async def test_missing_credential_is_a_warning(cluster: Cluster, admission: Admi
 async def test_tls_route_and_regular_container(cluster: Cluster, admission: Admission, kube: KubeEmulator) -> None:
     await arrange(cluster, sidecar={"nativeSidecar": "false", "tls": {"enabled": True}})
     result, _ = await admission.admit(pod())
-    assert names(result["spec"]["containers"]) == ["app", "vertex-sidecar"]
-    env = {e["name"]: e["value"] for e in result["spec"]["containers"][0]["env"]}
+    # Below 1.29 the sidecar comes first (its postStart holds the app back until it is ready).
+    assert names(result["spec"]["containers"]) == ["vertex-sidecar", "app"]
+    env = {e["name"]: e["value"] for e in result["spec"]["containers"][1]["env"]}
     assert env["GOOGLE_VERTEX_BASE_URL"] == "https://localhost:4443/vertex_ai"
     assert env["SSL_CERT_FILE"] == "/var/run/vertex-sidecar/tls/ca.crt"
 
@@ -202,7 +203,7 @@ async def test_native_auto_on_an_older_cluster(kube: KubeEmulator, cluster: Clus
     await arrange(cluster)
     result, _ = await admission.admit(pod())
     assert "initContainers" not in result["spec"]
-    assert names(result["spec"]["containers"]) == ["app", "vertex-sidecar"]
+    assert names(result["spec"]["containers"]) == ["vertex-sidecar", "app"]
 
 
 async def test_switched_pod_gets_the_new_accounts_pull_secrets(cluster: Cluster, admission: Admission) -> None:
