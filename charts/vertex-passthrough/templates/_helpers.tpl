@@ -118,7 +118,7 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
-# The repair loop lists the pods of namespaces with routes (pods lacking the sidecar).
+# The repair loop lists pods where routes exist (to find pods lacking the sidecar).
 - apiGroups: [""]
   resources: [pods]
   verbs: [list]
