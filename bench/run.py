@@ -255,6 +255,10 @@ def main() -> int:
             completed = run_async(_hold_streams(sidecar_host, int(sidecar_port), "/vertex_ai" + SSE_PATH
                                                 + "&frames=4&gap_ms=500", streams))
         results["open_streams"] = {"opened": streams, "completed": completed, "rss_peak_mb": round(sampler.peak, 1)}
+        # Fleet-wide limits on (Redis on loopback) vs limits off, two more sidecars (bench/fleet_bench.py).
+        from bench import fleet_bench
+
+        results["fleet_limits"] = fleet_bench.measure(py, tmp, upstream_port, metadata, script, duration)
     finally:
         stop_processes(procs)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -307,6 +311,10 @@ def render(results: dict[str, Any]) -> str:
         f"RSS {dl['rss_before_mb']} → peak {dl['rss_peak_mb']} MB",
         f"Open streams: {streams['completed']}/{streams['opened']} completed, RSS peak {streams['rss_peak_mb']} MB",
     ]
+    if "fleet_limits" in results:
+        from bench import fleet_bench
+
+        lines += ["", "Fleet-wide limits (Redis on loopback) vs limits off:", fleet_bench.render(results["fleet_limits"])]
     return "\n".join(lines)
 
 

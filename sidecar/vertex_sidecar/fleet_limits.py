@@ -63,6 +63,7 @@ class Lease:
         self.debt = 0  # tokens used beyond the lease, not sent yet
         self.exhausted = False  # the store said the fleet used the whole window
         self.fleet_used = 0  # the window's total as last seen in the store
+        self.waiting = 0  # requests waiting for this lease to be refilled (they size the next ask)
         self._rate = 0.0  # units per second, smoothed
         self._used_since = 0
         self._rate_at = 0.0
@@ -106,6 +107,8 @@ class Lease:
     def want(self, now: float) -> int:
         """How much to ask for now (0: the lease is full enough, or the window is spent)."""
         self.roll(now)
+        if self._rate_at == 0.0:
+            self._rate_at = now  # the rate is measured from the first ask, not from the epoch
         elapsed = now - self._rate_at
         if elapsed > 0.05:
             current = self._used_since / elapsed
@@ -113,7 +116,9 @@ class Lease:
             self._used_since, self._rate_at = 0, now
         if self.exhausted:
             return 0
-        chunk = min(self.max_chunk, max(self.min_chunk, math.ceil(self._rate * LEAD_S)))
+        # At least one unit per waiting request: a burst (or a cold start, with no rate known
+        # yet) is served by one sync instead of one unit per sync.
+        chunk = min(self.max_chunk, max(self.min_chunk, math.ceil(self._rate * LEAD_S), self.waiting + 1))
         return chunk if self.remaining <= chunk // 2 else 0
 
     def granted(self, window: int, wanted: int, grant: int, debt_sent: int, fleet_used: int) -> None:

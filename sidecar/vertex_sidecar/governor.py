@@ -32,7 +32,7 @@ from .observe import ChunkParser, RequestRecord
 
 log = logging.getLogger("vertex_sidecar.fleet")
 
-MAX_SYNCS_PER_REQUEST = 3  # a request whose grant others took waits for at most this many syncs
+MAX_SYNCS_PER_REQUEST = 6  # a request whose grant others took waits for at most this many syncs
 TEST_CLOCK_ENV = "VERTEX_SIDECAR_TEST_CLOCK_FILE"  # tests only: a file holding a clock offset in seconds
 
 
@@ -46,6 +46,7 @@ class Governor:
         self.sidecar_id = uuid.uuid4().hex[:12]
         self._accounts: dict[str, RouteAccount] = {}
         self._inflight: dict[str, asyncio.Future[bool]] = {}
+        self._kicked: set[str] = set()  # routes with a refill scheduled and not started yet
         self._task: asyncio.Task[None] | None = None
         self._warned: set[tuple[str, str, str]] = set()
         self._metrics = _Metrics(registry or CollectorRegistry())
@@ -130,7 +131,14 @@ class Governor:
                 short = "tokens"
             if short is None:
                 break
-            if not await self.sync(account):
+            lease = requests if short == "requests" else tokens
+            assert lease is not None
+            lease.waiting += 1
+            try:
+                synced = await self.sync(account)
+            finally:
+                lease.waiting -= 1
+            if not synced:
                 self._store_unavailable(route, limiter)  # raises, or admits by per-pod limits
                 return
             now = self.wall()  # synced; others waiting on the same sync may have taken the grant
@@ -232,8 +240,15 @@ class Governor:
 
     # -------------------------------------------------------------------- sync
     def _kick(self, account: RouteAccount) -> None:
-        if account.route not in self._inflight and self.store is not None:
-            asyncio.ensure_future(self.sync(account))
+        # One scheduled refill per route: requests arriving before it starts do not add more.
+        if self.store is None or account.route in self._inflight or account.route in self._kicked:
+            return
+        self._kicked.add(account.route)
+        asyncio.ensure_future(self._refill(account))
+
+    async def _refill(self, account: RouteAccount) -> None:
+        self._kicked.discard(account.route)
+        await self.sync(account)
 
     async def sync(self, account: RouteAccount) -> bool:
         """One sync of the route with the store (shared with a sync already running); True on success."""
