@@ -71,7 +71,7 @@ def _admitted(admin_metrics: str) -> float:
 
 def measure(py: str, tmp: Path, upstream_port: int, metadata: str, script: Path, duration: float) -> dict[str, Any]:
     """Both configurations against the running fake upstream and metadata emulator."""
-    from bench.run import GEN_PATH, wrk
+    from bench.run import GEN_PATH, cpu_ticks, wrk
     from tests.harness.redis_server import REDIS_SERVER, RedisServer
 
     if REDIS_SERVER is None:
@@ -94,10 +94,15 @@ def measure(py: str, tmp: Path, upstream_port: int, metadata: str, script: Path,
         procs += [proc for proc, _ in sidecars.values()]
         for _, base in sidecars.values():
             wrk(base + GEN_PATH, 16, 1.0, script)  # warm up: connections, first token, first leases
+        cpu: dict[str, list[float]] = {"off": [], "fleet": []}  # CPU seconds per request at 64 concurrent
         for _ in range(2):
-            for name, (_, base) in sidecars.items():
+            for name, (proc, base) in sidecars.items():
                 for concurrency in (1, 64):
+                    before = cpu_ticks(proc.pid)
                     stats = wrk(base + GEN_PATH, concurrency, duration, script)
+                    if concurrency == 64 and stats["requests"]:
+                        ticks = cpu_ticks(proc.pid) - before
+                        cpu[name].append(ticks / os.sysconf("SC_CLK_TCK") / stats["requests"])
                     kept = best[name].get(str(concurrency))
                     if kept is None or stats["rps"] > kept["rps"]:
                         best[name][str(concurrency)] = stats
@@ -113,6 +118,10 @@ def measure(py: str, tmp: Path, upstream_port: int, metadata: str, script: Path,
         "added_p50_1_ms": round((fleet["1"]["p50_us"] - off["1"]["p50_us"]) / 1000, 3),
         "off_p50_64_ms": off["64"]["p50_us"] / 1000, "fleet_p50_64_ms": fleet["64"]["p50_us"] / 1000,
         "added_p50_64_ms": round((fleet["64"]["p50_us"] - off["64"]["p50_us"]) / 1000, 3),
+        # The scheduler's CPU accounting is not biased by other load on the machine, wrk's req/s is.
+        "off_cpu_us_per_request": round(min(cpu["off"]) * 1e6, 1),
+        "fleet_cpu_us_per_request": round(min(cpu["fleet"]) * 1e6, 1),
+        "cpu_ratio": round(min(cpu["fleet"]) / min(cpu["off"]), 3),
         "errors": off["64"]["errors"] + fleet["64"]["errors"],
         "redis_keys": len(keys),  # proof that the fleet sidecar did count through Redis
     }
@@ -129,6 +138,8 @@ def render(result: dict[str, Any]) -> str:
         f"| fleet (Redis) | {result['fleet_rps_64']:,} | {result['rps_ratio_64']:.2f} | {result['fleet_p50_1_ms']:.3f} ms"
         f" | {result['added_p50_1_ms']:+.3f} ms | {result['fleet_p50_64_ms']:.3f} ms"
         f" | {result['added_p50_64_ms']:+.3f} ms |",
+        f"\nCPU per request at 64 concurrent: off {result['off_cpu_us_per_request']} µs, fleet "
+        f"{result['fleet_cpu_us_per_request']} µs (×{result['cpu_ratio']}); {result['redis_keys']} keys in Redis",
     ])
 
 

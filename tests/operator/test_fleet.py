@@ -281,3 +281,24 @@ def test_bad_store_flags_stop_the_operator(argv: list[str], message: str, capsys
     err = capsys.readouterr().err
     assert message in err and "hunter2" not in err
 
+
+
+def test_readme_example_renders() -> None:
+    """The VertexRoute of the README's fleet section is valid and renders with a store."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("## Fleet-wide limits"):]
+    block = re.search(r"```yaml\n(.*?)```", section, flags=re.S)
+    assert block is not None
+    doc = yaml.safe_load(block.group(1))
+    assert validation_errors(doc) == []
+    route = parse_route(doc)
+    assert fleet.uses_store(route, STORE)
+    rendered = render.render(route, parse_credential(o.credential(ns="team-a")), store=STORE)
+    assert rendered.config["routes"][0]["budget"] == {"usd_per_day": 50.0, "usd_per_month": 1000.0, "action": "deny"}
+    # The sidecar config example of the same section parses too.
+    sidecar = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)[1]
+    config = parse_config(yaml.safe_load(sidecar))
+    assert config.store is not None and config.routes[0].limits.scope == "fleet"
