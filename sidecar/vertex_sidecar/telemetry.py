@@ -184,6 +184,8 @@ class Telemetry:
             extra["tokens"] = usage.as_log_dict()
             extra["cost_usd"] = round(cost.usd, 9)
             extra["pricing"] = cost.pricing
+            if usage.response_model is not None:
+                extra["response_model"] = usage.response_model
             first_byte = record.first_byte_s
             if (200 <= status < 300 and first_byte is not None and duration is not None
                     and _is_stream(record)):

@@ -210,6 +210,9 @@ class RestSpans:
                     count = tokens.get(source)
                     if count:
                         attributes[name] = int(count)
+        response_model = extra.get("response_model")
+        if response_model.__class__ is str:
+            attributes["gen_ai.response.model"] = response_model
         cost = extra.get("cost_usd")
         if cost.__class__ is float and cost:
             attributes[OURS + "cost_usd"] = cost

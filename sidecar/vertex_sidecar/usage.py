@@ -134,6 +134,7 @@ class Usage:
     output_by_modality: dict[str, int] = field(default_factory=dict)
     found: bool = False
     billable: bool = True
+    response_model: str | None = None  # the model that answered (Gemini's modelVersion), if given
 
     def as_log_dict(self) -> dict[str, Any]:
         """Compact form for the access log: the three main counts, then non-zero extras."""
@@ -292,6 +293,15 @@ _USAGE_KEYS: Final = frozenset(
 )
 
 
+def _short_string(raw: bytes) -> str | None:
+    """A JSON string literal's value (the answering model's name), if it is a clean one."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) and value.isprintable() else None
+
+
 def _loads_object(raw: bytes) -> dict[str, Any] | None:
     try:
         value = json.loads(raw)
@@ -383,13 +393,18 @@ _LBRACE: Final = 0x7B
 _NUMBER_START: Final = frozenset(b"-0123456789")
 _MAX_GAP: Final = 64  # whitespace tolerated between a key, its colon and its value
 _MAX_NUMBER: Final = 32
+# A short string value read whole when it lies in one chunk (e.g. ``modelVersion``).
+_MAX_STRING: Final = 200
+_SHORT_STRING: Final = re.compile(rb'"(?:[^"\\\n]|\\.){0,%d}"' % _MAX_STRING)
 
 
 class _KeyScanner:
     """Finds ``"key": value`` for a few keys in a JSON byte stream fed chunk by chunk.
 
     Subclasses receive each value in `_on_value(key, raw)`: ``raw`` is the complete object
-    (``{...}``), the number's bytes, or ``b'"'`` for a string value (not captured).
+    (``{...}``), the number's bytes, or ``b'"'`` for a string value — except for
+    `string_keys`, whose short string values come whole (quotes included) when they are not
+    cut by a chunk boundary (best effort: streams repeat them in every chunk).
     """
 
     __slots__ = (
@@ -404,13 +419,16 @@ class _KeyScanner:
         "_depth",
         "_in_str",
         "_skip",
+        "_string_keys",
     )
 
-    def __init__(self, keys: tuple[bytes, ...], cap: int = MAX_VALUE_BYTES) -> None:
-        self._needles = tuple((b'"' + key + b'"', key) for key in keys)
+    def __init__(self, keys: tuple[bytes, ...], cap: int = MAX_VALUE_BYTES,
+                 string_keys: frozenset[bytes] = frozenset()) -> None:
+        self._string_keys = string_keys
+        self._needles = tuple((b'"' + key + b'"', key) for key in keys + tuple(string_keys))
         longest = max(len(needle) for needle, _ in self._needles)
         self._keep = longest  # a needle cut by the chunk end, plus the byte before it
-        self._carry_limit = longest + 2 * _MAX_GAP + _MAX_NUMBER
+        self._carry_limit = longest + 2 * _MAX_GAP + (_MAX_STRING + 2 if string_keys else _MAX_NUMBER)
         self._cap = cap
         self._tail = b""  # unsearched end of the previous chunk
         self._parts: list[bytes] | None = None  # a capture in progress
@@ -494,6 +512,13 @@ class _KeyScanner:
             self._on_value(key, number.group())
             return number.end()
         if first == _QUOTE:
+            if key in self._string_keys:
+                string = _SHORT_STRING.match(data, pos)
+                if string is not None:
+                    self._on_value(key, string.group())
+                    return string.end()
+                if end - pos <= _MAX_STRING + 1 and data.find(b'"', pos + 1) < 0:  # cut by the chunk end
+                    return -1 if end - at <= self._carry_limit else at + 1
             self._on_value(key, b'"')
             return pos + 1  # searching inside the string is safe: see the docstring
         return pos  # null, true, false, an array: not a value we read
@@ -587,8 +612,8 @@ class UsageParser(Protocol):
 class _ScanningParser(_KeyScanner):
     __slots__ = ("_dead",)
 
-    def __init__(self, keys: tuple[bytes, ...]) -> None:
-        super().__init__(keys)
+    def __init__(self, keys: tuple[bytes, ...], string_keys: frozenset[bytes] = frozenset()) -> None:
+        super().__init__(keys, string_keys=string_keys)
         self._dead = False
 
     def feed(self, chunk: bytes) -> None:
@@ -609,20 +634,27 @@ class GeminiUsageParser(_ScanningParser):
     """generateContent / streamGenerateContent: the last ``usageMetadata`` with counts wins
     (stream chunks carry cumulative usage; some carry only ``trafficType``)."""
 
-    __slots__ = ("_last",)
+    __slots__ = ("_last", "_model_version")
 
     def __init__(self) -> None:
-        super().__init__((b"usageMetadata",))
+        super().__init__((b"usageMetadata",), string_keys=frozenset((b"modelVersion",)))
         self._last = b""
+        self._model_version = b""
 
     def _on_value(self, key: bytes, raw: bytes) -> None:
         # Decoded lazily in result(): streams repeat usageMetadata in every chunk.
-        if raw[:1] == b"{" and b'TokenCount"' in raw:
+        if key == b"modelVersion":
+            if len(raw) > 2:
+                self._model_version = raw
+        elif raw[:1] == b"{" and b'TokenCount"' in raw:
             self._last = raw
 
     def result(self) -> Usage:
         meta = _loads_object(self._last) if self._last else None
-        return _gemini_usage(meta) or Usage()
+        usage = _gemini_usage(meta) or Usage()
+        if self._model_version:
+            usage.response_model = _short_string(self._model_version)
+        return usage
 
 
 class UsageObjectParser(_ScanningParser):

@@ -88,6 +88,7 @@ def test_genai_calls_continue_the_callers_trace(start: StartSidecar, emulator: S
         assert attributes["gen_ai.operation.name"] == "generate_content"
         assert attributes["gen_ai.provider.name"] == "gcp.vertex_ai"
         assert attributes["gen_ai.request.model"] == "gemini-2.5-flash"
+        assert attributes["gen_ai.response.model"] == "gemini-2.5-flash"  # the response's modelVersion
         assert attributes["server.address"] == "127.0.0.1" and attributes["server.port"] == emulator.port
         assert attributes["vertex_passthrough.route"] == "default"
         assert attributes["vertex_passthrough.credential"] == "default"

@@ -34,6 +34,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "gemini_generate_thinking.json": (
         {"publisher": "google", "method": "generateContent"},
         {
+            "response_model": "gemini-2.5-flash",  # from modelVersion
             "input_tokens": 1301,
             "output_tokens": 42 + 537,
             "reasoning_tokens": 537,
@@ -45,6 +46,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "gemini_generate_tricky.json": (
         {"publisher": "google", "method": "generateContent"},
         {
+            "response_model": "gemini-2.5-pro",  # from modelVersion
             "input_tokens": 40210 + 295,
             "output_tokens": 118,
             "cached_input_tokens": 32768,
@@ -57,6 +59,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "gemini_stream.sse": (
         {"publisher": "google", "method": "streamGenerateContent"},
         {
+            "response_model": "gemini-2.0-flash-001",  # from modelVersion
             "input_tokens": 8,
             "output_tokens": 31,
             "total_tokens": 39,
@@ -67,6 +70,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "gemini_stream_array.json": (
         {"publisher": "google", "method": "streamGenerateContent"},
         {
+            "response_model": "gemini-2.0-flash-001",  # from modelVersion
             "input_tokens": 8,
             "output_tokens": 31,
             "total_tokens": 39,
@@ -546,3 +550,17 @@ def test_deeply_nested_usage_object_never_raises_from_result(factory: Any, key: 
     parser = factory()
     parser.feed(data)
     assert parser.result() == Usage()
+
+
+@pytest.mark.parametrize("body, model", [
+    (b'{"candidates": [], "modelVersion": "gemini-2.5-flash-001"}', "gemini-2.5-flash-001"),
+    # A model's text that quotes the key is inside a string: escaped quotes, never read.
+    (b'{"candidates": [{"content": {"parts": [{"text": "say \\"modelVersion\\": \\"fake\\""}]}}]}', None),
+    (b'{"modelVersion": "' + b"m" * 300 + b'"}', None),  # too long to be a model name
+    (b'{"modelVersion": 3}', None),
+    (b'{"modelVersion": "tab\\there"}', None),  # not printable once decoded
+])
+def test_the_answering_model_comes_from_model_version(body: bytes, model: str | None) -> None:
+    for chunks in ([body], [body[i : i + 1] for i in range(len(body))]):
+        parser = new_usage_parser(publisher="google", method="generateContent")
+        assert run(parser, chunks).response_model == model
