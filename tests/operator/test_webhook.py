@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import jsonpatch
 import pytest
+import yaml
 
 from tests.operator import objects as o
 from tests.operator.conftest import Cluster, OperatorThread, eventually
@@ -219,3 +220,20 @@ async def test_switched_pod_gets_the_new_accounts_pull_secrets(cluster: Cluster,
     assert result["spec"]["imagePullSecrets"] == [{"name": "team-registry"}]
     result, _ = await admission.admit(pod(serviceAccountName="vertex"))
     assert "imagePullSecrets" not in result["spec"]
+
+
+async def test_interception_route_through_the_webhook(cluster: Cluster, admission: Admission) -> None:
+    await arrange(cluster, sidecar={"interception": True, "proxyOtherHosts": "deny"})
+    config_map = await cluster.get("ConfigMap", o.NS, "vertex-sidecar-gemini")
+    assert config_map is not None
+    rendered = yaml.safe_load(config_map["data"]["config.yaml"])
+    assert rendered["proxy_listen"] == "127.0.0.1:4080" and rendered["proxy"] == {"other_hosts": "deny"}
+    own = pod()
+    own["spec"]["containers"][0]["env"] = [{"name": "HTTPS_PROXY", "value": "http://corp:3128"},
+                                           {"name": "NO_PROXY", "value": "corp.example"}]
+    result, answer = await admission.admit(own)
+    env = {e["name"]: e.get("value") for e in result["spec"]["containers"][0]["env"]}
+    assert env["HTTPS_PROXY"] == "http://corp:3128" and env["https_proxy"] == "http://127.0.0.1:4080"
+    assert env["NO_PROXY"].startswith("corp.example,localhost,127.0.0.1")
+    assert env["SSL_CERT_FILE"] == "/var/run/vertex-sidecar/tls/ca.crt" and env["NODE_USE_ENV_PROXY"] == "1"
+    assert any("sets HTTPS_PROXY itself" in w for w in answer["warnings"])
