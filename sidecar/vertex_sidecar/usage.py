@@ -634,12 +634,14 @@ class GeminiUsageParser(_ScanningParser):
     """generateContent / streamGenerateContent: the last ``usageMetadata`` with counts wins
     (stream chunks carry cumulative usage; some carry only ``trafficType``)."""
 
-    __slots__ = ("_last", "_model_version")
+    __slots__ = ("_last", "_model_version", "_memo")
 
     def __init__(self) -> None:
         super().__init__((b"usageMetadata",), string_keys=frozenset((b"modelVersion",)))
         self._last = b""
         self._model_version = b""
+        # result() is asked by the telemetry and the token limits: decoded once per value seen.
+        self._memo: tuple[bytes, bytes, Usage] | None = None
 
     def _on_value(self, key: bytes, raw: bytes) -> None:
         # Decoded lazily in result(): streams repeat usageMetadata in every chunk.
@@ -650,10 +652,14 @@ class GeminiUsageParser(_ScanningParser):
             self._last = raw
 
     def result(self) -> Usage:
+        memo = self._memo
+        if memo is not None and memo[0] is self._last and memo[1] is self._model_version:
+            return memo[2]
         meta = _loads_object(self._last) if self._last else None
         usage = _gemini_usage(meta) or Usage()
         if self._model_version:
             usage.response_model = _short_string(self._model_version)
+        self._memo = (self._last, self._model_version, usage)
         return usage
 
 
