@@ -315,7 +315,9 @@ async def test_two_replicas_a_clean_shutdown_hands_over_at_once(
         leader = await the_leader(procs)
 
         async def converged() -> bool:
-            return await cluster.get("ConfigMap", o.NS, "vertex-sidecar-gemini") is not None
+            credential = await cluster.get("VertexCredential", o.NS, "vertex")
+            return (await cluster.get("ConfigMap", o.NS, "vertex-sidecar-gemini") is not None
+                    and bool(((credential or {}).get("status") or {}).get("conditions")))
         await eventually(converged, timeout=15)
         await asyncio.sleep(0.5)  # its daemons are running (kopf stops daemons it knows of at once)
         standby = next(p for p in procs if p is not leader)
