@@ -200,12 +200,15 @@ def main() -> int:
         time.sleep(idle_s)
         results["idle_cpu"] = {"seconds": idle_s, "ticks": cpu_ticks(sidecar.pid) - before,
                                "ticks_per_s": os.sysconf("SC_CLK_TCK")}
-        nginx_base = None
+        results["rss_idle_client_only_mb"] = _client_only_idle_rss(py, tmp, upstream_port)
+        # nginx in the same run, plain proxy_pass (the reference) and with an upstream keep-alive pool.
+        nginx_bases: dict[str, str] = {}
         if nginx_available():
-            nginx_port = free_port()
-            procs.append(start_nginx(tmp, upstream_port, nginx_port))
-            nginx_base = f"http://127.0.0.1:{nginx_port}/vertex_ai"
-            wrk(nginx_base + GEN_PATH, 16, 1.0, script)
+            for shape, keepalive in (("nginx", False), ("nginx_keepalive", True)):
+                nginx_port = free_port()
+                procs.append(start_nginx(tmp, upstream_port, nginx_port, keepalive=keepalive))
+                nginx_bases[shape] = f"http://127.0.0.1:{nginx_port}/vertex_ai"
+                wrk(nginx_bases[shape] + GEN_PATH, 16, 1.0, script)
 
         unary: dict[str, Any] = {}
         for concurrency in (1, 16, 64):
@@ -216,9 +219,10 @@ def main() -> int:
                 results["rss_load_64_mb"] = round(sampler.peak, 1)
             else:
                 via = wrk(sidecar_base + GEN_PATH, concurrency, duration, script)
-            nginx = wrk(nginx_base + GEN_PATH, concurrency, duration, script) if nginx_base else None
+            references = {shape: _nginx_row(shape, wrk(base + GEN_PATH, concurrency, duration, script), direct, via)
+                          for shape, base in nginx_bases.items()}
             unary[concurrency] = {
-                **(_nginx_row(nginx, direct, via) if nginx else {}),
+                **{key: value for row in references.values() for key, value in row.items()},
                 "direct_rps": round(direct["rps"]), "sidecar_rps": round(via["rps"]),
                 "direct_p50_ms": direct["p50_us"] / 1000, "sidecar_p50_ms": via["p50_us"] / 1000,
                 "direct_p99_ms": direct["p99_us"] / 1000, "sidecar_p99_ms": via["p99_us"] / 1000,
@@ -277,24 +281,55 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def _nginx_row(nginx: dict[str, Any], direct: dict[str, Any], via: dict[str, Any]) -> dict[str, Any]:
-    """nginx in the same run: the sidecar's throughput and added p50 as ratios of nginx's."""
+def _nginx_row(shape: str, nginx: dict[str, Any], direct: dict[str, Any], via: dict[str, Any]) -> dict[str, Any]:
+    """nginx in the same run: the sidecar's throughput and added p50 as ratios of nginx's
+    (keys prefixed by the nginx shape: `nginx` or `nginx_keepalive`)."""
     nginx_added = (nginx["p50_us"] - direct["p50_us"]) / 1000
     sidecar_added = (via["p50_us"] - direct["p50_us"]) / 1000
-    return {"nginx_rps": round(nginx["rps"]), "nginx_added_p50_ms": round(nginx_added, 3),
-            "rps_vs_nginx": round(via["rps"] / nginx["rps"], 2) if nginx["rps"] else None,
-            "added_p50_vs_nginx": round(sidecar_added / nginx_added, 1) if nginx_added > 0 else None}
+    return {f"{shape}_rps": round(nginx["rps"]), f"{shape}_added_p50_ms": round(nginx_added, 3),
+            f"rps_vs_{shape}": round(via["rps"] / nginx["rps"], 2) if nginx["rps"] else None,
+            f"added_p50_vs_{shape}": round(sidecar_added / nginx_added, 1) if nginx_added > 0 else None}
+
+
+def _client_only_idle_rss(py: str, tmp: Path, upstream_port: int) -> float:
+    """Idle RSS of a sidecar whose only credential is `client` (no token source at all),
+    after a few requests have warmed it like the main one."""
+    import urllib.request
+
+    config = tmp / "client-only.yaml"
+    config.write_text("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n"
+                      f"upstreams:\n  aiplatform: http://127.0.0.1:{upstream_port}\n"
+                      "credentials:\n  default: {type: client}\n")
+    proc, listening = start(pinned(0, [py, "-m", "vertex_sidecar", "--config", str(config), "--log-level", "warning"]),
+                            env={"MALLOC_ARENA_MAX": "2", "HOME": str(tmp)})
+    try:
+        listen = json.loads(listening)["listen"]
+        for _ in range(20):
+            request = urllib.request.Request(f"http://{listen}/vertex_ai{GEN_PATH}", data=REQUEST_BODY.encode(),
+                                             headers={"content-type": "application/json",
+                                                      "authorization": "Bearer caller-token"})
+            urllib.request.urlopen(request, timeout=5).read()
+        time.sleep(0.5)
+        return round(rss_mb(proc.pid), 1)
+    finally:
+        stop_processes([proc])
 
 
 def render(results: dict[str, Any]) -> str:
-    lines = ["| concurrency | direct req/s | nginx req/s | sidecar req/s | sidecar/nginx req/s | direct p50 "
-             "| sidecar p50 | added p50 (nginx) | sidecar/nginx added p50 | added p99 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| concurrency | direct req/s | nginx req/s (keep-alive) | sidecar req/s | sidecar/nginx req/s "
+             "(keep-alive) | direct p50 | sidecar p50 | added p50 | nginx added p50 (keep-alive) "
+             "| sidecar/nginx added p50 (keep-alive) | added p99 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def pair(row: dict[str, Any], key: str, unit: str = "") -> str:
+        plain, pooled = row.get(key.format("nginx"), "-"), row.get(key.format("nginx_keepalive"), "-")
+        return f"{plain}{unit} ({pooled}{unit})"
+
     for concurrency, row in results["unary"].items():
-        lines.append(f"| {concurrency} | {row['direct_rps']:,} | {row.get('nginx_rps', '-'):,} | {row['sidecar_rps']:,}"
-                     f" | {row.get('rps_vs_nginx', '-')}× | {row['direct_p50_ms']:.3f} ms"
+        lines.append(f"| {concurrency} | {row['direct_rps']:,} | {pair(row, '{}_rps')} | {row['sidecar_rps']:,}"
+                     f" | {pair(row, 'rps_vs_{}', '×')} | {row['direct_p50_ms']:.3f} ms"
                      f" | {row['sidecar_p50_ms']:.3f} ms | {row['added_p50_ms']:+.3f} ms"
-                     f" ({row.get('nginx_added_p50_ms', 0):+.3f} ms) | {row.get('added_p50_vs_nginx', '-')}×"
+                     f" | {pair(row, '{}_added_p50_ms', ' ms')} | {pair(row, 'added_p50_vs_{}', '×')}"
                      f" | {row['added_p99_ms']:+.3f} ms |")
     idle = results["idle_cpu"]
     lines.append(f"\nIdle sidecar CPU: {idle['ticks']} ticks in {idle['seconds']:g} s "
@@ -306,7 +341,8 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"SSE time to first byte (p50): direct {sse['direct_p50']} ms, sidecar {sse['sidecar_p50']} ms "
         f"(added {sse['added_p50']:+} ms)",
-        f"Sidecar RSS: idle {results['rss_idle_mb']} MB, under load at 64 concurrent {results['rss_load_64_mb']} MB",
+        f"Sidecar RSS: idle {results['rss_idle_mb']} MB (only `client` credentials: "
+        f"{results['rss_idle_client_only_mb']} MB), under load at 64 concurrent {results['rss_load_64_mb']} MB",
         f"Download of {dl['expected_body_bytes'] / 2**30:.2f} GiB through the sidecar: {dl['mb_per_s']} MB/s, "
         f"RSS {dl['rss_before_mb']} → peak {dl['rss_peak_mb']} MB",
         f"Open streams: {streams['completed']}/{streams['opened']} completed, RSS peak {streams['rss_peak_mb']} MB",
