@@ -283,3 +283,13 @@ async def test_the_store_applies_a_retried_call_once(tmp_path: Path) -> None:
     finally:
         await store.aclose()
         redis.kill()
+
+
+def test_fleet_scope_without_a_store_is_per_pod_and_says_so(start: StartSidecar) -> None:
+    sidecar = start({"routes": [{"name": "solo", "limits": {"scope": "fleet", "requests_per_minute": 2}}]})
+    assert wait_until(lambda: any("no store configured: limits and budgets of route(s) solo are counted per pod"
+                                  in line for line in sidecar.stderr_lines))
+    responses = [call(sidecar) for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 200, 429]
+    assert reason(responses[2]) == "ROUTE_RATE_LIMITED"
+    assert "across the fleet" not in responses[2].json()["error"]["message"]

@@ -202,3 +202,84 @@ async def test_fleet_requests_per_minute_count_live_setups(
         assert upstream_sessions(emulator) == 3
     finally:
         redis.kill()
+
+
+# ---------------------------------------------------------------------------- budgets
+
+# The Live model is not in the packaged pricing table: priced here at $0.10 a token, so the
+# emulator's turns cost dollars ("a few words": 3 + 5 tokens = $0.80; the next turn of three
+# words: 8 + 3 context and prompt + 5 answer = $1.60).
+PRICED = {"models": {MODEL: {"input": 100_000.0, "output": 100_000.0}}}
+BUDGET = {"usd_per_day": 1.5}
+
+
+def metric(sidecar: SidecarProcess, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in httpx.get(f"{sidecar.admin_url}/metrics", timeout=5).text.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_a_spent_budget_closes_the_session_after_its_turn_and_refuses_new_setups(
+        start: StartSidecar, emulator: ServerHandle) -> None:
+    sidecar = start({"defaults": DEFAULTS, "pricing": PRICED, "routes": [{"name": "live", "budget": BUDGET}]})
+    ws = await open_session(sidecar)
+    assert (await setup_answer(ws))[0] == "ok"
+    first = await turn(ws, "a few words")  # $0.80 of $1.50: the session goes on
+    assert first[-1]["usageMetadata"]["totalTokenCount"] == 8
+    second = await turn(ws, "two more words")  # $2.40: crosses the budget
+    assert second[-1]["serverContent"]["turnComplete"] is True  # the whole turn was relayed first
+    code, reason = await closed_with(ws)
+    assert code == 1013 and "route 'live' has spent $2.4 of its daily budget of $1.5" in reason, reason
+    assert "resets at" in reason and "T00:00:00Z" in reason
+    entry = live_entries(sidecar, 1)[-1]
+    assert entry["live"]["ended_by"] == "budget" and entry["live"]["turns"] == 2
+    assert entry["cost_usd"] == pytest.approx(2.4)
+    # Spent: the next setup is refused before Google is dialled; REST on the route too.
+    before = upstream_sessions(emulator)
+    ws = await open_session(sidecar)
+    state, code, reason = await setup_answer(ws)
+    assert (state, code) == ("closed", 1013) and "daily budget" in reason, reason
+    assert upstream_sessions(emulator) == before
+    refused = httpx.post(f"{sidecar.base_url}/{REST}", json=PROMPT)
+    assert refused.status_code == 429 and refused.json()["error"]["details"][0]["reason"] == "ROUTE_BUDGET_EXHAUSTED"
+    entries = live_entries(sidecar, 2)
+    assert (entries[-1]["status"], entries[-1].get("error")) == (429, "ROUTE_BUDGET_EXHAUSTED"), entries[-1]
+
+
+async def test_a_budget_spent_in_one_sidecar_ends_live_sessions_in_the_others(
+        start: StartSidecar, emulator: ServerHandle, tmp_path: Path, clock_file: Path) -> None:
+    require_redis_server()
+    redis = RedisServer(tmp_path).start()
+    try:
+        config = {"defaults": DEFAULTS, "pricing": PRICED, "store": redis.store_config(timeout_ms=500, sync_interval_ms=100),
+                  "routes": [{"name": "live", "budget": BUDGET}]}
+        env = {"VERTEX_SIDECAR_TEST_CLOCK_FILE": str(clock_file)}
+        one, two = start(config, env=env), start(config, env=env)
+        start_of_window(clock_file)
+        running = await open_session(two)  # opened while the budget is not spent
+        assert (await setup_answer(running))[0] == "ok"
+        ws = await open_session(one)
+        assert (await setup_answer(ws))[0] == "ok"
+        await turn(ws, "a few words")
+        await turn(ws, "two more words")  # the fleet's $2.40 > $1.50
+        code, reason = await closed_with(ws)
+        assert code == 1013 and "daily budget" in reason, reason
+        deadline = time.monotonic() + 10  # the other sidecar learns the fleet's spend at its next sync
+        while metric(two, "vertex_sidecar_budget_spent_usd", route="live", period="day") < 1.5:
+            assert time.monotonic() < deadline, "sidecar two never learnt the fleet's spend"
+            await asyncio.sleep(0.05)
+        # Its running session ends cleanly after its next turn (relayed whole) ...
+        answered = await turn(running, "hello")
+        assert answered[-1]["serverContent"]["turnComplete"] is True
+        code, reason = await closed_with(running)
+        assert code == 1013 and "route 'live' has spent" in reason, reason
+        # ... and a new setup there is refused before Google is dialled.
+        before = upstream_sessions(emulator)
+        ws = await open_session(two)
+        state, code, reason = await setup_answer(ws)
+        assert (state, code) == ("closed", 1013) and "daily budget" in reason, reason
+        assert upstream_sessions(emulator) == before
+    finally:
+        redis.kill()

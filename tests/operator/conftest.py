@@ -364,3 +364,18 @@ def check_requests(kube: KubeEmulator) -> None:
 @pytest_asyncio.fixture()
 async def operator(start_operator: Callable[..., Awaitable[OperatorThread]]) -> OperatorThread:
     return await start_operator()
+
+
+def webhook_samples() -> dict[str, float]:
+    """The webhook's own metrics, as the operator's /metrics serves them (one registry per process)."""
+    from vertex_operator import metrics
+
+    def value(name: str, **labels: str) -> float:
+        return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+    found = {result: value("vertex_operator_admissions_total", result=result)
+             for result in ("injected", "skipped", "warned", "error")}
+    found["answered"] = value("vertex_operator_admission_duration_seconds_count")
+    found["seconds"] = value("vertex_operator_admission_duration_seconds_sum")
+    found["patch_ops"] = value("vertex_operator_admission_patch_operations_total")
+    found["admission_errors"] = value("vertex_operator_errors_total", stage="admission")
+    return found

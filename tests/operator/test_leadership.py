@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.operator import objects as o
-from tests.operator.conftest import Cluster, check_requests, eventually
+from tests.operator.conftest import Cluster, check_requests, eventually, webhook_samples
 from tests.operator.harness import KubeEmulator
 from tests.operator.processes import OperatorProcess, admit, pod_review, start_process
 from vertex_operator.kube import Kube
@@ -297,7 +297,17 @@ async def test_three_replicas_sigkill_of_the_leader_mid_reconcile(
               f"{min(probe.availability(p.identity) for p in survivors):.4f} over "
               f"{len(probe.answers[survivors[0].identity])} reviews each, of the killed replica since the kill "
               f"{probe.availability(leader.identity, killed_at):.4f}")
+        # Leadership and webhook metrics, scraped from the survivors' /metrics.
         assert await new_leader.metric("vertex_operator_leader") == 1.0
+        assert await new_leader.metric("vertex_operator_leadership_changes_total", {"change": "acquired"}) == 1.0
+        for p in survivors:
+            if p is not new_leader:
+                assert await p.metric("vertex_operator_leader") == 0.0
+                assert await p.metric("vertex_operator_leadership_changes_total", {"change": "acquired"}) is None
+            # Every review the probe sent it was injected and counted (plus the ones before it started).
+            injected = await p.metric("vertex_operator_admissions_total", {"result": "injected"}) or 0
+            assert injected >= len(probe.answers[p.identity]), (p.identity, injected)
+            assert await p.metric("vertex_operator_admissions_total", {"result": "error"}) is None
     finally:
         await stop_all(procs)
     check_requests(kube)
@@ -313,6 +323,9 @@ async def test_two_replicas_a_clean_shutdown_hands_over_at_once(
     procs = await start_replicas(2, kubeconfig, tls_files, tmp_path, google)
     try:
         leader = await the_leader(procs)
+        # Started without --store-redis-url: each replica says at start that limits count per pod.
+        assert all("No store configured (--store-redis-url): rate limits and budgets are counted per pod."
+                   in p.log.read_text(errors="replace") for p in procs)
 
         async def converged() -> bool:
             credential = await cluster.get("VertexCredential", o.NS, "vertex")
@@ -363,11 +376,17 @@ async def test_a_replica_refuses_to_admit_until_its_indexes_are_complete(
     url = f"{op.webhook_url.rstrip('/')}/inject-vertex-sidecar"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         review = pod_review(o.NS, {"app": "chat"})
+        before = webhook_samples()
         async with session.post(url, json=review, ssl=ca) as response:
             answer = (await response.json())["response"]
         # Refused, not admitted without its sidecar ("no VertexRoute selects it").
         assert answer["allowed"] is False and answer["status"]["code"] == 503, answer
         assert "still loading" in answer["status"]["message"]
+        # ... and counted as a webhook failure (alert VertexOperatorWebhookErrors); the readiness
+        # probe's own reviews, refused too meanwhile, are not counted.
+        after = webhook_samples()
+        assert (after["error"] - before["error"], after["admission_errors"] - before["admission_errors"],
+                after["injected"] - before["injected"]) == (1, 1, 0)
         async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
             assert response.status == 503 and "refused" in (await response.json())["reason"]
 
@@ -376,3 +395,4 @@ async def test_a_replica_refuses_to_admit_until_its_indexes_are_complete(
                 return response.status == 200
         await eventually(ready, timeout=15)
         assert await admit(session, url, ca, pod_review(o.NS, {"app": "chat"}))
+        assert webhook_samples()["injected"] - before["injected"] == 1

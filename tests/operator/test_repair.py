@@ -85,6 +85,12 @@ def gauge(route: str, problem: str) -> float | None:
                                              {"namespace": o.NS, "route": route, "problem": problem})
 
 
+def restarts(kind: str) -> float:
+    from vertex_operator import metrics
+
+    return metrics.REGISTRY.get_sample_value("vertex_operator_repair_restarts_total", {"kind": kind}) or 0.0
+
+
 async def test_a_pod_that_started_without_the_sidecar_is_reported_then_repaired(
         kube: KubeEmulator, cluster: Cluster, start_operator: Any) -> None:
     await start_operator(repair_seconds=0.2, repair_backoff_seconds=3600)
@@ -120,6 +126,7 @@ async def test_a_pod_that_started_without_the_sidecar_is_reported_then_repaired(
     dep = await cluster.get("Deployment", o.NS, "chat")
     assert dep is not None and repair.RESTARTED_AT_ANNOTATION not in dep["spec"]["template"]["metadata"]["annotations"]
 
+    restarts_before = restarts("Deployment")
     await cluster.patch("VertexRoute", o.NS, "gemini", {"spec": {"rollout": {"repair": True}}})
 
     async def restarted() -> dict[str, Any]:
@@ -131,6 +138,7 @@ async def test_a_pod_that_started_without_the_sidecar_is_reported_then_repaired(
     await eventually(restarted)
     found = await eventually(reported)
     assert found["restarted"] == ["Deployment/chat"]
+    assert restarts("Deployment") - restarts_before == 1
     # The rollout replaces the pod; once it is gone the route is clean again.
     await cluster.delete("Pod", o.NS, "chat-abc12-bare1")
 

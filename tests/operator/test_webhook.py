@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.operator import objects as o
-from tests.operator.conftest import Cluster, OperatorThread, eventually
+from tests.operator.conftest import Cluster, OperatorThread, eventually, webhook_samples
 from tests.operator.harness import KubeEmulator
 
 PATH = "/inject-vertex-sidecar"
@@ -189,6 +189,24 @@ async def test_conflicting_routes_are_named_in_a_warning(cluster: Cluster, admis
     result, answer = await admission.admit(pod())
     assert result["metadata"]["annotations"]["vertex.passthrough.dev/route"] == "gemini"
     assert "VertexRoute(s) 'later' also select this pod" in answer["warnings"][0]
+
+
+async def test_webhook_metrics_count_answers_latency_and_patch_operations(
+        cluster: Cluster, admission: Admission) -> None:
+    await arrange(cluster)
+    before = webhook_samples()
+    injected, answer = await admission.admit(pod())
+    await admission.admit(pod(labels={"app": "other"}))  # no route selects it
+    await admission.admit(pod(hostNetwork=True))  # selected, not injected: a warning
+    after = webhook_samples()
+    delta = {key: after[key] - before[key] for key in after}
+    assert {k: delta[k] for k in ("injected", "skipped", "warned", "error", "answered", "admission_errors")} == {
+        "injected": 1, "skipped": 1, "warned": 1, "error": 0, "answered": 3, "admission_errors": 0}
+    assert 0 < delta["seconds"] < 5
+    # The operations the webhook built (sidecar, volumes, env, annotations, service account, ...);
+    # kopf's answer is its own diff of the same change, so at least as many as it has.
+    assert delta["patch_ops"] >= len(json.loads(base64.b64decode(answer["patch"]))) >= 4
+    assert "vertex-sidecar" in json.dumps(injected)
 
 
 async def test_bad_review_is_a_bad_request(operator: OperatorThread, admission: Admission) -> None:
