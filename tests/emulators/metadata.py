@@ -2,6 +2,9 @@
 
 Behaviour kept from the real server:
 - `GET /` (google-auth's ping) answers 200 with `Metadata-Flavor: Google`.
+- A directory named without its trailing slash (`/computeMetadata/v1/instance`, the path
+  Node's gcp-metadata pings to detect GCE) answers `301` to the slashed name, which lists
+  the directory's entries.
 - `/computeMetadata/v1/...` needs the request header `Metadata-Flavor: Google` (403
   otherwise) and refuses proxied requests carrying `X-Forwarded-For` (403).
 - Every answer carries `Metadata-Flavor: Google`; JSON is `application/json`, values are
@@ -41,6 +44,11 @@ DEFAULT_SCOPES = (
 )
 _FLAVOR = {"metadata-flavor": "Google"}
 _ROOT = "/computeMetadata/v1/"
+# Directory listings (a subset of the real entries: what the tests' clients read).
+_DIRECTORIES = {
+    "instance": "attributes/\nhostname\nid\nservice-accounts/\nzone\n",
+    "project": "numeric-project-id\nproject-id\n",
+}
 _STATUS_TEXT = {
     403: "Forbidden\n",
     404: "Not Found\n",
@@ -144,6 +152,10 @@ async def _handle(request: Request) -> Response:
             "Missing Metadata-Flavor:Google header.\n",
         )
     relative = path[len(_ROOT) :]
+    if relative in _DIRECTORIES:
+        return Response(status_code=301, headers={**_FLAVOR, "location": f"{path}/"})
+    if relative.rstrip("/") in _DIRECTORIES and not request.query_params:
+        return _text(_DIRECTORIES[relative.rstrip("/")])
     if relative == "instance/service-accounts/":
         return _text(f"default/\n{state.email}/\n")
     if relative.startswith("instance/service-accounts/"):

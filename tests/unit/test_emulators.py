@@ -703,3 +703,15 @@ def test_standalone_module_writes_port_and_key_file_and_stops_on_sigterm(tmp_pat
         stdout, stderr = proc.communicate(timeout=15)
     assert proc.returncode == 0, stderr
     assert stdout.startswith("emulator listening on http://127.0.0.1:")
+
+
+def test_metadata_directory_without_slash_redirects_like_the_real_server() -> None:
+    """Node's gcp-metadata detects GCE with GET /computeMetadata/v1/instance (no slash)."""
+    with running_server(create_metadata_app(TokenRegistry())) as handle:
+        flavor = {"Metadata-Flavor": "Google"}
+        moved = httpx.get(f"{handle.url}/computeMetadata/v1/instance", headers=flavor)
+        assert moved.status_code == 301 and moved.headers["location"] == "/computeMetadata/v1/instance/"
+        listing = httpx.get(f"{handle.url}/computeMetadata/v1/instance", headers=flavor, follow_redirects=True)
+        assert listing.status_code == 200 and listing.headers["metadata-flavor"] == "Google"
+        assert "service-accounts/" in listing.text.splitlines()
+        assert httpx.get(f"{handle.url}/computeMetadata/v1/instance/").status_code == 403  # no Metadata-Flavor
