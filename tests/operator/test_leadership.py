@@ -396,3 +396,51 @@ async def test_a_replica_refuses_to_admit_until_its_indexes_are_complete(
         await eventually(ready, timeout=15)
         assert await admit(session, url, ca, pod_review(o.NS, {"app": "chat"}))
         assert webhook_samples()["injected"] - before["injected"] == 1
+
+
+async def test_a_deposed_leader_writes_nothing_to_kubernetes_or_google(
+        kube: KubeEmulator, kubeconfig: pathlib.Path, google: Any) -> None:
+    """The fence end to end: the same Kubernetes and IAM clients the reconciling half uses,
+    guarded by the elector's check; once the renew deadline passed without a renewal, every
+    write is refused before it leaves the process (and counted), while reads still work."""
+    from vertex_operator import gcp, metrics
+    from vertex_operator.identity import edit_policy
+
+    clock = Clock()
+    api = Kube()
+    iam = gcp.GoogleIam(google.url, google.url, backoff=gcp.Backoff(first=0.005, attempts=2))
+    google.store.add_project("my-vertex", "111")
+
+    def grant(namespace: str) -> gcp.Edit:
+        member = f"serviceAccount:my-gke.svc.id.goog[{namespace}/vertex]"
+        return lambda policy: edit_policy(policy, add=[("roles/aiplatform.user", member)])
+
+    try:
+        leader = LeaderElector(api, "vertex-system", identity="a", timing=TIMING, clock=clock)
+        assert await leader.try_acquire_or_renew()
+        leader.leading = True
+        api.write_guard = iam.write_guard = leader.check
+        await api.create_config_map("default", {"metadata": {"name": "while-leading"}, "data": {"k": "v"}})
+        assert (await iam.update_policy("project", "my-vertex", grant("team-a"))).changed
+        sets_before = [c for c in google.store.calls if c[0] == "setIamPolicy"]
+
+        fenced_before = metrics.FENCED_WRITES._value.get()
+        clock.now += TIMING.renew_deadline  # no renewal since: a standby may soon take over
+        with pytest.raises(NotLeader):
+            await api.create_config_map("default", {"metadata": {"name": "after-deadline"}, "data": {"k": "v"}})
+        with pytest.raises(NotLeader):
+            await api.patch_config_map("default", "while-leading", {"data": {"k": "changed"}})
+        with pytest.raises(NotLeader):
+            await iam.update_policy("project", "my-vertex", grant("team-b"))
+        assert metrics.FENCED_WRITES._value.get() == fenced_before + 3
+
+        # Nothing reached either server; reads are not fenced.
+        assert await api.read_config_map("default", "after-deadline") is None
+        kept = await api.read_config_map("default", "while-leading")
+        assert kept is not None and kept["data"] == {"k": "v"}
+        assert [c for c in google.store.calls if c[0] == "setIamPolicy"] == sets_before
+        assert "serviceAccount:my-gke.svc.id.goog[team-b/vertex]" not in google.store.members(
+            "projects/my-vertex", "roles/aiplatform.user")
+    finally:
+        api.close()
+        await iam.close()
