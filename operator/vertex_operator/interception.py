@@ -21,8 +21,11 @@ from typing import Any, Mapping, Sequence
 PROXY_VARS = ("HTTPS_PROXY", "https_proxy")
 NO_PROXY_VARS = ("NO_PROXY", "no_proxy")
 CA_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH")
-# In-cluster names and loopback never go through the proxy (the sidecar's own base URL included).
-NO_PROXY_DEFAULTS = ("localhost", "127.0.0.1", "::1", ".svc", ".svc.cluster.local", ".cluster.local")
+# In-cluster names and loopback never go through the proxy (the sidecar's own base URL included),
+# nor the GKE metadata server: some clients (Node's gaxios) send even plain-http requests
+# through HTTPS_PROXY, and the proxy refuses plain HTTP, so the app's own ADC would break.
+NO_PROXY_DEFAULTS = ("localhost", "127.0.0.1", "::1", ".svc", ".svc.cluster.local", ".cluster.local",
+                     "169.254.169.254", "metadata.google.internal")
 ALL_VARS = frozenset((*PROXY_VARS, *NO_PROXY_VARS, "NODE_USE_ENV_PROXY", *CA_VARS))
 
 

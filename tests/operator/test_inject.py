@@ -332,7 +332,7 @@ def test_interception_sets_proxy_and_ca_bundle_env_and_shares_the_bundle() -> No
     for container in (pod["spec"]["containers"][0], pod["spec"]["initContainers"][1]):  # native: init too
         env = env_of(container)
         assert env["HTTPS_PROXY"] == env["https_proxy"] == "http://127.0.0.1:4080"
-        assert env["NO_PROXY"] == env["no_proxy"] == "localhost,127.0.0.1,::1,.svc,.svc.cluster.local,.cluster.local"
+        assert env["NO_PROXY"] == env["no_proxy"] == "localhost,127.0.0.1,::1,.svc,.svc.cluster.local,.cluster.local,169.254.169.254,metadata.google.internal"
         assert env["NODE_USE_ENV_PROXY"] == "1"
         assert all(env[name] == CA for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE",
                                                 "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"))
@@ -356,7 +356,7 @@ def test_interception_keeps_and_extends_no_proxy_and_the_containers_own_values_w
     result = inject.inject(pod_in, plan)
     pod = jsonpatch.apply_patch(copy.deepcopy(pod_in), result.patch)
     env = env_of(pod["spec"]["containers"][0])
-    assert env["NO_PROXY"] == "internal.example.com,localhost,127.0.0.1,::1,.svc,.svc.cluster.local,.cluster.local"
+    assert env["NO_PROXY"] == "internal.example.com,localhost,127.0.0.1,::1,.svc,.svc.cluster.local,.cluster.local,169.254.169.254,metadata.google.internal"
     assert env["HTTPS_PROXY"] == "http://corp-proxy:3128" and env["https_proxy"] == "http://127.0.0.1:4080"
     assert [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == "no_proxy"] == [app["env"][2]]
     assert env_of(pod["spec"]["containers"][1])["HTTPS_PROXY"] == "http://127.0.0.1:4080"
