@@ -219,10 +219,11 @@ def main() -> int:
                 results["rss_load_64_mb"] = round(sampler.peak, 1)
             else:
                 via = wrk(sidecar_base + GEN_PATH, concurrency, duration, script)
-            references = {shape: _nginx_row(shape, wrk(base + GEN_PATH, concurrency, duration, script), direct, via)
-                          for shape, base in nginx_bases.items()}
+            references: dict[str, Any] = {}
+            for shape, base in nginx_bases.items():
+                references.update(_nginx_row(shape, wrk(base + GEN_PATH, concurrency, duration, script), direct, via))
             unary[concurrency] = {
-                **{key: value for row in references.values() for key, value in row.items()},
+                **references,
                 "direct_rps": round(direct["rps"]), "sidecar_rps": round(via["rps"]),
                 "direct_p50_ms": direct["p50_us"] / 1000, "sidecar_p50_ms": via["p50_us"] / 1000,
                 "direct_p99_ms": direct["p99_us"] / 1000, "sidecar_p99_ms": via["p99_us"] / 1000,

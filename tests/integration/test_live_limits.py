@@ -26,6 +26,7 @@ from tests.harness.redis_server import RedisServer, require_redis_server
 from tests.harness.sidecar_process import SidecarProcess
 
 from .conftest import StartSidecar
+from .test_fleet_limits import metric
 
 MODEL = "gemini-live-2.5-flash"
 DEFAULTS = {"project": "emu-project", "location": "us-central1"}
@@ -211,14 +212,6 @@ async def test_fleet_requests_per_minute_count_live_setups(
 # words: 8 + 3 context and prompt + 5 answer = $1.60).
 PRICED = {"models": {MODEL: {"input": 100_000.0, "output": 100_000.0}}}
 BUDGET = {"usd_per_day": 1.5}
-
-
-def metric(sidecar: SidecarProcess, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in httpx.get(f"{sidecar.admin_url}/metrics", timeout=5).text.splitlines():
-        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 async def test_a_spent_budget_closes_the_session_after_its_turn_and_refuses_new_setups(
