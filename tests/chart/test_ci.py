@@ -11,7 +11,8 @@ from pathlib import Path
 from tests.chart.tools import ROOT
 
 CI_RUN = ROOT / ".ci" / "run"
-SCRIPTS = [CI_RUN, ROOT / "scripts" / "get-helm.sh", ROOT / "scripts" / "get-node-clients.sh", ROOT / "Makefile"]
+SCRIPTS = [CI_RUN, ROOT / "scripts" / "get-helm.sh", ROOT / "scripts" / "get-node-clients.sh",
+           ROOT / "scripts" / "get-aiplatform-client.sh", ROOT / "Makefile"]
 
 # Programs a minimal Debian (e.g. the debian:bookworm image) does not have, and the Debian
 # package that brings each. Everything else the scripts run (bash, env, id, rm, mkdir,

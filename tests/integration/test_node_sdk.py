@@ -3,7 +3,8 @@ through the sidecar, configured by environment variables only.
 
 Proxy mode: what the webhook injects on an app container with interception on —
 HTTPS_PROXY, NODE_USE_ENV_PROXY=1 (Node >= 24 reads the proxy variables only with it),
-NODE_EXTRA_CA_CERTS, NO_PROXY (`interception.NO_PROXY_DEFAULTS`) — plus the SDK's own
+the CA bundle variables (`interception.CA_VARS`; Node reads NODE_EXTRA_CA_CERTS), NO_PROXY
+(`interception.NO_PROXY_DEFAULTS`) — plus the SDK's own
 GOOGLE_CLOUD_PROJECT / GOOGLE_CLOUD_LOCATION. Base-URL mode: GOOGLE_VERTEX_BASE_URL, which
 this SDK (unlike the Python one) reads by itself.
 
@@ -13,6 +14,7 @@ oauth2.googleapis.com, which only a real network has. Its token must never reach
 upstream; the sidecar's must.
 
 Locally the tests skip when `scripts/get-node-clients.sh` has not run; under CI they fail.
+test_aiplatform_sdk.py runs a Python client in a process of its own with the same environment.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from tests.emulators.metadata import create_metadata_app
 from tests.emulators.serve import ServerHandle, running_server
 from tests.emulators.tokens import TokenRegistry
 from tests.harness.sidecar_process import SidecarProcess
-from vertex_operator.interception import NO_PROXY_DEFAULTS
+from vertex_operator.interception import CA_VARS, NO_PROXY_DEFAULTS
 
 # The fixtures (one emulator and one allow-all proxy sidecar per module; `start` for sidecars
 # of a test's own) and helpers of the Python clients' proxy tests.
@@ -83,7 +85,17 @@ def proxy_env(sidecar: SidecarProcess, app_metadata: ServerHandle, tmp_path: Pat
     no_proxy = ",".join(NO_PROXY_DEFAULTS)
     return {**base_env(app_metadata, tmp_path), "HTTPS_PROXY": proxy_url(sidecar), "https_proxy": proxy_url(sidecar),
             "NO_PROXY": no_proxy, "no_proxy": no_proxy, "NODE_USE_ENV_PROXY": "1",
-            "NODE_EXTRA_CA_CERTS": sidecar.listening["ca_bundle"]}
+            **{name: sidecar.listening["ca_bundle"] for name in CA_VARS}}
+
+
+def flash_only_env(start: Callable[..., SidecarProcess], app_metadata: ServerHandle, tmp_path: Path) -> dict[str, str]:
+    """The app environment of a sidecar of its own whose one route allows gemini-2.5-flash only."""
+    sidecar = start(routes=[{"name": "flash-only", "match": {"models": ["gemini-2.5-flash"]}}])
+    return proxy_env(sidecar, app_metadata, tmp_path)
+
+
+def assert_never_upstream(emulator: ServerHandle, model: str) -> None:
+    assert not [e for e in upstream_requests(emulator) if model in e["path"]]  # refused before Google
 
 
 def genai_call(node: str, env: dict[str, str], **request: Any) -> dict[str, Any]:
@@ -134,12 +146,11 @@ def test_node_genai_generate_and_stream_through_the_proxy(node: str, shared: Sid
 def test_node_genai_refused_model_is_the_sidecars_403(node: str, start: Callable[..., SidecarProcess],
                                                       emulator: ServerHandle, app_metadata: ServerHandle,
                                                       tmp_path: Path) -> None:
-    sidecar = start(routes=[{"name": "flash-only", "match": {"models": ["gemini-2.5-flash"]}}])
-    env = proxy_env(sidecar, app_metadata, tmp_path)
+    env = flash_only_env(start, app_metadata, tmp_path)
     refused = genai_call(node, env, model="gemini-2.5-pro", prompt="not allowed")
     assert not refused["ok"] and refused["error"]["status"] == 403, refused
     assert refused["error"]["name"] == "ApiError" and "gemini-2.5-pro" in refused["error"]["message"]
-    assert not [e for e in upstream_requests(emulator) if "gemini-2.5-pro" in e["path"]]  # never reached Google
+    assert_never_upstream(emulator, "gemini-2.5-pro")
     assert genai_call(node, env, model="gemini-2.5-flash", prompt="allowed")["ok"]
 
 
@@ -156,3 +167,4 @@ def test_node_genai_in_base_url_mode(node: str, shared: SidecarProcess, emulator
         assert_sidecar_token(entry, app_metadata)
     log = new_log_lines(shared, before, 2)
     assert [e["status"] for e in log] == [200, 200] and not any(e.get("via_proxy") for e in log)
+
