@@ -1,18 +1,20 @@
 """Benchmark: the sidecar with tracing on (100 % sampled, exporting to a local OTLP/HTTP
 receiver) against the same sidecar with tracing off, in one run.
 
-    .venv/bin/python -m bench.trace_bench [--duration 5] [--rounds 2]
+    .venv/bin/python -m bench.trace_bench [--duration 3] [--rounds 6]
 
 Layout as in `bench.run`: the sidecars are pinned to core 0 (only one is under load at a
 time), wrk, the fake upstream, the metadata emulator and the receiver share core 1. The
 receiver decodes every export with opentelemetry-proto and counts the spans, so the run
 also shows that every request's span arrived. Rounds alternate off/on so that drift of the
-machine hits both alike; the medians of the rounds are reported, with the ratios.
+machine hits both alike (in ABBA order); the medians of the rounds are reported, and each
+ratio is the median of the rounds' own ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
@@ -86,6 +88,31 @@ def metric(admin: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
+def paired(runs: dict[str, list[dict[str, Any]]], reference: str, key: str) -> float:
+    """The median over the rounds of on/reference for `key`."""
+    return statistics.median(on[key] / ref[key] for on, ref in zip(runs["on"], runs[reference]))
+
+
+def simultaneous(off: Any, off_url: str, on: Any, on_url: str, concurrency: int, args: argparse.Namespace,
+                 script: Path) -> dict[str, Any]:
+    """Both sidecars under load at the same time, on the same core: the scheduler gives each
+    half of it, so their throughputs compare the CPU each spends per request under exactly
+    the same conditions (a noisy neighbour slows both at once). One pair per round."""
+    ratios, cpu_ratios, requests_on = [], [], 0
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for _ in range(args.rounds):
+            before = cpu_ns(off.pid), cpu_ns(on.pid)
+            off_run, on_run = pool.map(lambda url: wrk(url + GEN_PATH, concurrency, args.duration, script),
+                                       (off_url, on_url))
+            off_cpu = (cpu_ns(off.pid) - before[0]) / max(off_run["requests"], 1)
+            on_cpu = (cpu_ns(on.pid) - before[1]) / max(on_run["requests"], 1)
+            ratios.append(round(on_run["rps"] / off_run["rps"], 3))
+            cpu_ratios.append(round(on_cpu / off_cpu, 3))
+            requests_on += on_run["requests"]
+    return {"throughput_ratio": statistics.median(ratios), "throughput_ratios": ratios,
+            "cpu_ratio": statistics.median(cpu_ratios), "cpu_ratios": cpu_ratios, "requests_on": requests_on}
+
+
 def start_sidecar(tmp: Path, name: str, upstream_port: int, metadata: str, tracing: str,
                   env: dict[str, str] | None = None) -> tuple[Any, str, str]:
     config = tmp / f"{name}.yaml"
@@ -122,8 +149,8 @@ def set_tracing(config: Path, admin: str, enabled: bool) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
-    parser.add_argument("--rounds", type=int, default=2, help="off/on rounds per concurrency")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=6, help="off/on rounds per concurrency")
     parser.add_argument("--on-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment of the traced sidecar (e.g. OTEL_BSP_MAX_QUEUE_SIZE=1 to see the "
                              "request-path cost without the export)")
@@ -170,8 +197,11 @@ def main() -> int:
         rows: dict[int, Any] = {}
         for concurrency in args.concurrency or (1, 64):
             runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": [], "paused": []}
-            for _ in range(args.rounds):
-                for mode, proc, url in (("off", off, off_url), ("on", on, on_url), ("paused", on, on_url)):
+            modes = [("off", off, off_url), ("on", on, on_url), ("paused", on, on_url)]
+            for round_index in range(args.rounds):
+                # ABBA: every other round runs the modes in reverse, so that a drift of the
+                # machine within a round biases neither side.
+                for mode, proc, url in (modes if round_index % 2 == 0 else modes[::-1]):
                     if mode == "paused":
                         set_tracing(tmp / "on.yaml", on_admin, False)
                     before = cpu_ns(proc.pid)
@@ -187,13 +217,17 @@ def main() -> int:
                           "p99_ms": statistics.median(r["p99_us"] for r in runs[mode]) / 1000,
                           "cpu_us_per_request": round(statistics.median(r["cpu_us_per_request"] for r in runs[mode]), 1),
                           "errors": sum(r["errors"] for r in runs[mode])} for mode in runs}
-            row["cpu_ratio"] = round(row["on"]["cpu_us_per_request"] / row["off"]["cpu_us_per_request"], 3)
-            # The paired view: the same process with tracing switched off by a reload.
-            row["cpu_ratio_vs_paused"] = round(row["on"]["cpu_us_per_request"] / row["paused"]["cpu_us_per_request"], 3)
-            row["throughput_ratio_vs_paused"] = round(row["on"]["rps"] / row["paused"]["rps"], 3)
-            row["added_p50_ms_vs_paused"] = round(row["on"]["p50_ms"] - row["paused"]["p50_ms"], 3)
-            row["throughput_ratio"] = round(row["on"]["rps"] / row["off"]["rps"], 3)
-            row["added_p50_ms"] = round(row["on"]["p50_ms"] - row["off"]["p50_ms"], 3)
+            # Ratios: the median over the rounds of each round's ratio (its runs were seconds
+            # apart, so a machine that got slower for a while shifts both sides alike).
+            for reference, suffix in (("off", ""), ("paused", "_vs_paused")):
+                row["throughput_ratio" + suffix] = round(paired(runs, reference, "rps"), 3)
+                row["throughput_ratios" + suffix] = [round(on_run["rps"] / ref_run["rps"], 3)
+                                                     for on_run, ref_run in zip(runs["on"], runs[reference])]
+                row["cpu_ratio" + suffix] = round(paired(runs, reference, "cpu_us_per_request"), 3)
+                row["added_p50_ms" + suffix] = round(statistics.median(
+                    (on_run["p50_us"] - ref_run["p50_us"]) / 1000 for on_run, ref_run in zip(runs["on"], runs[reference])), 3)
+            row["simultaneous"] = simultaneous(off, off_url, on, on_url, concurrency, args, script)
+            requests_on += row["simultaneous"]["requests_on"]
             rows[concurrency] = row
         results["unary"] = rows
         results["rss_after_mb"] = {"off": round(rss_mb(off.pid), 1), "on": round(rss_mb(on.pid), 1)}

@@ -147,13 +147,10 @@ def _error(record: RequestRecord) -> str | None:
     return None
 
 
-_OPTIONAL_USAGE = (("cached_input_tokens", "gen_ai.usage.cache_read.input_tokens"),
-                  ("cache_write_tokens", "gen_ai.usage.cache_creation.input_tokens"),
-                  ("reasoning_tokens", "gen_ai.usage.reasoning.output_tokens"))
-
-
 @dataclass(slots=True)
-class _RestGroup:
+class RestGroup:
+    """What alike REST requests share: the span's name and status, and most attributes."""
+
     name: str
     stream: bool
     status: int
@@ -161,22 +158,60 @@ class _RestGroup:
     shared: SharedAttributes
 
 
+# The attributes a REST span has of its own (the others come from its group) and their
+# types, in the order of `request_values`.
+REQUEST_ATTRIBUTES: tuple[tuple[str, type], ...] = (
+    (OURS + "request_id", str), ("gen_ai.response.time_to_first_chunk", float),
+    ("gen_ai.usage.input_tokens", int), ("gen_ai.usage.output_tokens", int),
+    ("gen_ai.usage.cache_read.input_tokens", int), ("gen_ai.usage.cache_creation.input_tokens", int),
+    ("gen_ai.usage.reasoning.output_tokens", int), ("gen_ai.response.model", str), (OURS + "cost_usd", float),
+)
+RequestValues = tuple[AttributeValue | None, ...]
+
+
+def request_values(record: RequestRecord, group: RestGroup) -> RequestValues:
+    """The values of `REQUEST_ATTRIBUTES` for one request (None: the span has no such attribute)."""
+    extra = record.extra
+    first_chunk = float(round(record.first_byte_s, 6)) if group.stream and record.first_byte_s is not None else None
+    tokens = extra.get("tokens")
+    if tokens.__class__ is dict:  # telemetry's log dict (an exact type test: ABC checks are slow)
+        input_tokens, output_tokens = int(tokens.get("input_tokens") or 0), int(tokens.get("output_tokens") or 0)
+        # The optional counts (0 or absent: no attribute).
+        cached = int(tokens.get("cached_input_tokens") or 0) or None
+        written = int(tokens.get("cache_write_tokens") or 0) or None
+        reasoning = int(tokens.get("reasoning_tokens") or 0) or None
+    else:
+        input_tokens = output_tokens = cached = written = reasoning = None
+    response_model = extra.get("response_model")
+    cost = extra.get("cost_usd")
+    return (record.request_id, first_chunk, input_tokens, output_tokens, cached, written, reasoning,
+            response_model if response_model.__class__ is str else None,
+            cost if cost.__class__ is float and cost else None)
+
+
+def span_times(record: RequestRecord) -> tuple[int, int]:
+    """A request's span start and end, in ns since the epoch."""
+    start_ns = int(record.wall_time * 1e9)
+    return start_ns, start_ns + int((record.duration_s or 0.0) * 1e9)
+
+
 class RestSpans:
     """Builds the span of each relayed REST request from its finished record.
 
     Requests of the same route, model, location, outcome... share most attributes: those are
-    built (and later encoded) once per such group; a span then costs its ids, times, request
-    id, token counts and cost. The memo is bounded (cleared when full).
+    built (and later encoded) once per such group (`group`); a span then costs its ids,
+    times and `request_values`. The memo is bounded (cleared when full). The tracer encodes
+    a request's span straight from these (`otlp_export.SpanEncoder.rest_span`); `span`
+    builds the same span as a `SpanData`.
     """
 
     MAX_GROUPS = 1024
 
     def __init__(self) -> None:
-        self._groups: dict[tuple[Any, ...], _RestGroup] = {}
+        self._groups: dict[tuple[Any, ...], RestGroup] = {}
 
-    def span(self, record: RequestRecord, context: SpanContext, *,
-             credential: Callable[[str | None], str | None],
-             server: Callable[[RequestRecord], tuple[str, int] | None]) -> SpanData:
+    def group(self, record: RequestRecord, *, credential: Callable[[str | None], str | None],
+              server: Callable[[RequestRecord], tuple[str, int] | None]) -> RestGroup:
         """`credential` (route name → credential name) and `server` (the answering host and
         port) are asked once per group; a memo must not outlive the config they answer from."""
         extra = record.extra
@@ -193,40 +228,29 @@ class RestSpans:
                 self._groups.clear()
             group = self._groups[key] = _rest_group(record, credential(record.route), server(record), stream,
                                                     fallbacks, token_retry)
+        return group
+
+    def span(self, record: RequestRecord, context: SpanContext, *,
+             credential: Callable[[str | None], str | None],
+             server: Callable[[RequestRecord], tuple[str, int] | None]) -> SpanData:
+        group = self.group(record, credential=credential, server=server)
         shared = group.shared.items
-        attributes: dict[str, AttributeValue] = {}
-        for name, value in context.baggage.items():
-            if name not in shared:  # a caller's baggage never replaces one of ours
+        attributes: dict[str, AttributeValue] = {
+            name: value for name, value in context.baggage.items()
+            if name not in shared}  # a caller's baggage never replaces one of ours
+        for (name, _), value in zip(REQUEST_ATTRIBUTES, request_values(record, group)):
+            if value is not None:
                 attributes[name] = value
-        attributes[OURS + "request_id"] = record.request_id
-        if group.stream and record.first_byte_s is not None:
-            attributes["gen_ai.response.time_to_first_chunk"] = round(record.first_byte_s, 6)
-        tokens = extra.get("tokens")
-        if tokens.__class__ is dict:  # telemetry's log dict (an exact type test: ABC checks are slow)
-            attributes["gen_ai.usage.input_tokens"] = int(tokens.get("input_tokens") or 0)
-            attributes["gen_ai.usage.output_tokens"] = int(tokens.get("output_tokens") or 0)
-            if len(tokens) > 3:  # beyond input/output/total: the optional counts
-                for source, name in _OPTIONAL_USAGE:
-                    count = tokens.get(source)
-                    if count:
-                        attributes[name] = int(count)
-        response_model = extra.get("response_model")
-        if response_model.__class__ is str:
-            attributes["gen_ai.response.model"] = response_model
-        cost = extra.get("cost_usd")
-        if cost.__class__ is float and cost:
-            attributes[OURS + "cost_usd"] = cost
-        start_ns = int(record.wall_time * 1e9)
+        start_ns, end_ns = span_times(record)
         return SpanData(
             trace_id=context.trace_id, span_id=context.span_id, parent_span_id=context.parent_span_id,
-            trace_state=context.trace_state, name=group.name, start_ns=start_ns,
-            end_ns=start_ns + int((record.duration_s or 0.0) * 1e9), attributes=attributes,
-            status=group.status, status_message=group.status_message, shared=group.shared,
+            trace_state=context.trace_state, name=group.name, start_ns=start_ns, end_ns=end_ns,
+            attributes=attributes, status=group.status, status_message=group.status_message, shared=group.shared,
         )
 
 
 def _rest_group(record: RequestRecord, credential: str | None, server: tuple[str, int] | None, stream: bool,
-                fallbacks: int, token_retry: bool) -> _RestGroup:
+                fallbacks: int, token_retry: bool) -> RestGroup:
     operation = operation_name(record)
     attributes = _common(record, credential, server, {})
     del attributes[OURS + "request_id"]  # per request, not shared
@@ -247,7 +271,7 @@ def _rest_group(record: RequestRecord, credential: str | None, server: tuple[str
     error = _error(record)
     if error is not None:
         attributes["error.type"] = error
-    return _RestGroup(name=_span_name(operation, record), stream=stream,
+    return RestGroup(name=_span_name(operation, record), stream=stream,
                       status=STATUS_ERROR if error is not None else STATUS_UNSET, status_message=error or "",
                       shared=SharedAttributes(attributes))
 

@@ -37,7 +37,7 @@ from .trace_context import (
     propagate,
     sampler_from_env,
 )
-from .trace_spans import RestSpans, SpanContext, live_session_span, live_turn_span
+from .trace_spans import RestSpans, SpanContext, live_session_span, live_turn_span, request_values, span_times
 from .usage import Usage
 
 if TYPE_CHECKING:
@@ -197,12 +197,16 @@ class Tracer:
         config = self.state.snapshot.config
         if config is not self._rest_spans_config:  # a reload: credentials or hosts may differ
             self._rest_spans, self._rest_spans_config = RestSpans(), config
+        exporter = self.exporter
+        if not exporter.accepting():
+            return
         try:
-            span = self._rest_spans.span(record, context, credential=self._credential, server=self._server)
+            group = self._rest_spans.group(record, credential=self._credential, server=self._server)
+            encoded = exporter.encoder.rest_span(context, group, *span_times(record), request_values(record, group))
         except Exception:  # tracing must never break the relay
             log.exception("tracing: no span for request %s", record.request_id)
             return
-        self.exporter.submit(span)
+        exporter.enqueue(encoded)
 
     def flush(self) -> None:
         self.exporter.tick()

@@ -26,6 +26,7 @@ HeaderList = list[tuple[bytes, bytes]]
 READ_HIGH_WATER = 256 * 1024  # pause reading the upstream socket above this many buffered bytes
 READ_LOW_WATER = 64 * 1024
 MAX_RESPONSE_HEADER_BYTES = 256 * 1024
+_INLINE_BODY_MAX = 64 * 1024  # bodies up to this size are sent with their head in one write
 
 
 class UpstreamError(Exception):
@@ -344,7 +345,11 @@ class UpstreamPool:
         upload: asyncio.Task[None] | None = None
         if isinstance(body, bytes):
             head.append(b"content-length: %d\r\n\r\n" % len(body))
-            conn.transport.write(b"".join(head) + body)
+            if len(body) <= _INLINE_BODY_MAX:
+                conn.transport.write(b"".join(head) + body)  # one send for the usual small request
+            else:  # e.g. a trace export batch: no copy of the body just to prepend the head
+                conn.transport.write(b"".join(head))
+                conn.transport.write(body)
         elif body is None:
             if method in ("POST", "PUT", "PATCH"):
                 head.append(b"content-length: 0\r\n")

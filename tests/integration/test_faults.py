@@ -329,6 +329,26 @@ async def test_a_post_is_resent_when_nothing_of_it_was_written() -> None:
             await pool.aclose()
 
 
+async def test_a_large_bytes_body_is_sent_whole_after_its_head() -> None:
+    """In process, at the client's interface: a bytes body above the inline size (a trace
+    export batch) is written after the head without being copied into it; on a kept-alive
+    connection, byte for byte, followed by a small inline one."""
+    with running_faulty_server() as faulty:
+        pool = UpstreamPool()
+        origin = Origin("http", "127.0.0.1", faulty.port)
+        target = "/v1/projects/p/locations/us-central1/publishers/google/models/gemini:generateContent"
+        large = bytes(range(256)) * 4096 + b"tail"  # 1 MiB and a bit: over any socket buffer's first send
+        try:
+            for body in (large, b"{}"):
+                response = await pool.request(origin, "POST", target, [], body)
+                echo = json.loads(await response.read())["echo"]
+                assert response.status == 200 and echo["body_length"] == len(body)
+                assert echo["body_sha256"] == hashlib.sha256(body).hexdigest()
+            assert faulty.stats.connections == 1
+        finally:
+            await pool.aclose()
+
+
 async def test_a_streamed_upload_must_match_its_declared_content_length() -> None:
     """In process, at the client's interface: fewer bytes than declared abort the upstream
     request (it must never look complete, nor wait for bytes that never come); more are

@@ -12,6 +12,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from tests.harness.otlp_receiver import value_of
 from vertex_sidecar.config import ConfigError, TracingConfig, parse_config
+from vertex_sidecar.observe import RequestRecord
 from vertex_sidecar.otlp_export import SpanEncoder
 from vertex_sidecar.trace_context import (
     Sampler,
@@ -186,19 +187,22 @@ def test_no_opentelemetry_import_when_tracing_is_off() -> None:
     assert _imports_opentelemetry({"tracing": {"enabled": True}}) is True  # the check can tell
 
 
+def _rest_record(request_id: str, output_tokens: int) -> "RequestRecord":
+    r = RequestRecord.for_request([(b"x-request-id", request_id.encode())], method="POST", service="aiplatform")
+    r.route, r.project, r.location, r.answered_location = "gemini", "p-1", "us-central1", "us-east4"
+    r.model, r.publisher, r.operation, r.status, r.upstream_status = "gemini-2.5-flash", "google", \
+        "generateContent", 200, 200
+    r.extra.update(fallbacks=1, tokens={"input_tokens": 3, "output_tokens": output_tokens, "total_tokens": 9,
+                                        "reasoning_tokens": 2}, cost_usd=0.5)
+    r.finish()
+    return r
+
+
 def test_rest_spans_share_what_alike_requests_have_in_common() -> None:
-    from vertex_sidecar.observe import RequestRecord
     from vertex_sidecar.trace_spans import RestSpans, SpanContext
 
     def record(request_id: str, output_tokens: int) -> RequestRecord:
-        r = RequestRecord.for_request([(b"x-request-id", request_id.encode())], method="POST", service="aiplatform")
-        r.route, r.project, r.location, r.answered_location = "gemini", "p-1", "us-central1", "us-east4"
-        r.model, r.publisher, r.operation, r.status, r.upstream_status = "gemini-2.5-flash", "google", \
-            "generateContent", 200, 200
-        r.extra.update(fallbacks=1, tokens={"input_tokens": 3, "output_tokens": output_tokens, "total_tokens": 9,
-                                            "reasoning_tokens": 2}, cost_usd=0.5)
-        r.finish()
-        return r
+        return _rest_record(request_id, output_tokens)
 
     builder, asked = RestSpans(), []
     context = SpanContext(bytes.fromhex(TRACE), bytes.fromhex(SPAN), b"", "", {"tenant": "t", "gen_ai.request.model": "x"})
@@ -218,3 +222,51 @@ def test_rest_spans_share_what_alike_requests_have_in_common() -> None:
         assert attributes["server.address"] == "us-east4-aiplatform.googleapis.com"
     keys = [kv.key for kv in message.resource_spans[0].scope_spans[0].spans[0].attributes]
     assert len(keys) == len(set(keys))  # no attribute twice
+
+
+@pytest.mark.parametrize("case", ["plain", "caller parent, state and baggage", "stream", "odd values"])
+def test_a_rest_span_encoded_directly_is_the_span_built_then_encoded(case: str) -> None:
+    """The tracer writes a REST request's span straight from its group and values
+    (`SpanEncoder.rest_span`); the bytes are those of the `SpanData` that `RestSpans.span`
+    builds, encoded by the general path, and decode to what the record says."""
+    from vertex_sidecar.trace_spans import RestSpans, SpanContext, request_values, span_times
+
+    record = _rest_record("r-1", 7)
+    context = SpanContext(bytes.fromhex(TRACE), bytes.fromhex(SPAN), b"", "", {})
+    if case == "caller parent, state and baggage":
+        context = SpanContext(bytes.fromhex(TRACE), bytes.fromhex(SPAN), b"\x07" * 8, "v=1,w=2",
+                              {"tenant": "t-9", "vertex_passthrough.route": "not ours"})
+    elif case == "stream":
+        record.operation, record.first_byte_s = "streamGenerateContent", 0.125
+        record.extra["response_model"] = "gemini-2.5-flash-001"
+    elif case == "odd values":  # longer than the head tables, negative and wide ints, no cost
+        record.request_id = "r" * 300
+        record.extra["response_model"] = "m" * 1000
+        record.extra["tokens"] = {"input_tokens": -1, "output_tokens": 2 ** 40, "cached_input_tokens": 200,
+                                  "cache_write_tokens": 0, "total_tokens": 0}
+        record.extra["cost_usd"] = 0.0
+    builder, encoder = RestSpans(), SpanEncoder({})
+    server = ("us-east4-aiplatform.googleapis.com", 443)
+    built = builder.span(record, context, credential=lambda _: "cred", server=lambda _: server)
+    group = builder.group(record, credential=lambda _: "cred", server=lambda _: server)
+    direct = encoder.rest_span(context, group, *span_times(record), request_values(record, group))
+    assert direct == SpanEncoder({}).span(built)
+    (span,) = ExportTraceServiceRequest.FromString(encoder.request([direct])).resource_spans[0].scope_spans[0].spans
+    attributes = {kv.key: value_of(kv.value) for kv in span.attributes}
+    assert attributes == {**built.shared.items, **built.attributes}  # type: ignore[union-attr]
+    assert span.parent_span_id == context.parent_span_id and span.trace_state == context.trace_state
+    assert (span.start_time_unix_nano, span.end_time_unix_nano) == span_times(record)
+    assert attributes["vertex_passthrough.request_id"] == record.request_id
+    assert attributes["vertex_passthrough.route"] == "gemini"  # the caller's baggage never replaces ours
+    if case == "caller parent, state and baggage":
+        assert attributes["tenant"] == "t-9"
+    elif case == "stream":
+        assert attributes["gen_ai.response.time_to_first_chunk"] == 0.125
+        assert attributes["gen_ai.response.model"] == "gemini-2.5-flash-001"
+    elif case == "odd values":
+        assert attributes["gen_ai.usage.input_tokens"] == -1 and attributes["gen_ai.usage.output_tokens"] == 2 ** 40
+        assert attributes["gen_ai.usage.cache_read.input_tokens"] == 200
+        assert "gen_ai.usage.cache_creation.input_tokens" not in attributes
+        assert "vertex_passthrough.cost_usd" not in attributes and len(attributes["gen_ai.response.model"]) == 1000
+    else:
+        assert attributes["gen_ai.usage.output_tokens"] == 7 and attributes["vertex_passthrough.cost_usd"] == 0.5
