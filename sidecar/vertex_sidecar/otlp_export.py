@@ -46,7 +46,18 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from . import __version__
 from .headers import header_value
 from .routing import Origin
-from .trace_spans import KIND_CLIENT, OURS, REQUEST_ATTRIBUTES, AttributeValue, RequestValues, RestGroup, SpanContext, SpanData
+from .observe import RequestRecord
+from .trace_spans import (
+    KIND_CLIENT,
+    OURS,
+    REQUEST_ATTRIBUTES,
+    AttributeValue,
+    RestGroup,
+    SpanContext,
+    SpanData,
+    request_values,
+    span_times,
+)
 from .upstream_client import UpstreamError, UpstreamPool
 
 log = logging.getLogger("vertex_sidecar.tracing")
@@ -259,11 +270,11 @@ class SpanEncoder:
             parts.append(fragment(item))
         return _field(_SCOPE_SPANS_SPAN, b"".join(parts))
 
-    def rest_span(self, context: SpanContext, group: RestGroup, start_ns: int, end_ns: int,
-                  values: RequestValues) -> bytes:
-        """A relayed REST request's span, encoded straight from its group and `values` (the
-        same bytes as `span(RestSpans.span(...))` without building the `SpanData`: this runs
-        once per request)."""
+    def rest_span(self, context: SpanContext, group: RestGroup, record: RequestRecord) -> bytes:
+        """A relayed REST request's span, encoded straight from its group and record (the same
+        bytes as `span(RestSpans.span(...))` without building the `SpanData`: this runs once
+        per request)."""
+        start_ns, end_ns = span_times(record)
         parts = [_FIXED_IDS, context.trace_id, _SPAN_ID_8, context.span_id, _SPAN_START, _pack_fixed64(start_ns),
                  _SPAN_END, _pack_fixed64(end_ns)]
         if context.parent_span_id:
@@ -281,7 +292,7 @@ class SpanEncoder:
                 if item[0] not in shared.items:  # a caller's baggage never replaces one of ours
                     parts.append(self._fragment(item))
         append = parts.append
-        for (kind, heads, prefix), value in zip(_REQUEST_HEADS, values):
+        for (kind, heads, prefix), value in zip(_REQUEST_HEADS, request_values(record, group)):
             if value is None:
                 continue
             if kind is int:

@@ -207,13 +207,15 @@ class RestSpans:
 
     MAX_GROUPS = 1024
 
-    def __init__(self) -> None:
+    def __init__(self, *, credential: Callable[[str | None], str | None],
+                 server: Callable[[RequestRecord], tuple[str, int] | None]) -> None:
+        """`credential` (route name → credential name) and `server` (the answering host and
+        port) are asked once per group: a memo must not outlive the config they answer from."""
+        self._credential = credential
+        self._server = server
         self._groups: dict[tuple[Any, ...], RestGroup] = {}
 
-    def group(self, record: RequestRecord, *, credential: Callable[[str | None], str | None],
-              server: Callable[[RequestRecord], tuple[str, int] | None]) -> RestGroup:
-        """`credential` (route name → credential name) and `server` (the answering host and
-        port) are asked once per group; a memo must not outlive the config they answer from."""
+    def group(self, record: RequestRecord) -> RestGroup:
         extra = record.extra
         fallbacks = int(extra.get("fallbacks") or 0)
         token_retry = bool(extra.get("token_retry"))
@@ -226,14 +228,12 @@ class RestSpans:
         if group is None:
             if len(self._groups) >= self.MAX_GROUPS:
                 self._groups.clear()
-            group = self._groups[key] = _rest_group(record, credential(record.route), server(record), stream,
-                                                    fallbacks, token_retry)
+            group = self._groups[key] = _rest_group(record, self._credential(record.route), self._server(record),
+                                                    stream, fallbacks, token_retry)
         return group
 
-    def span(self, record: RequestRecord, context: SpanContext, *,
-             credential: Callable[[str | None], str | None],
-             server: Callable[[RequestRecord], tuple[str, int] | None]) -> SpanData:
-        group = self.group(record, credential=credential, server=server)
+    def span(self, record: RequestRecord, context: SpanContext) -> SpanData:
+        group = self.group(record)
         shared = group.shared.items
         attributes: dict[str, AttributeValue] = {
             name: value for name, value in context.baggage.items()
@@ -279,7 +279,7 @@ def _rest_group(record: RequestRecord, credential: str | None, server: tuple[str
 def rest_span(record: RequestRecord, context: SpanContext, *, credential: str | None,
               server: tuple[str, int] | None) -> SpanData:
     """The span of one relayed REST request (without the group memo of `RestSpans`)."""
-    return RestSpans().span(record, context, credential=lambda _: credential, server=lambda _: server)
+    return RestSpans(credential=lambda _: credential, server=lambda _: server).span(record, context)
 
 
 def _span_name(operation: str | None, record: RequestRecord) -> str:

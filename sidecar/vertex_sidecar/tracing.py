@@ -37,7 +37,7 @@ from .trace_context import (
     propagate,
     sampler_from_env,
 )
-from .trace_spans import RestSpans, SpanContext, live_session_span, live_turn_span, request_values, span_times
+from .trace_spans import RestSpans, SpanContext, live_session_span, live_turn_span
 from .usage import Usage
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ class Tracer:
         self.state = state
         self.exporter = exporter
         self._credentials: tuple[Config | None, dict[str, str]] = (None, {})
-        self._rest_spans = RestSpans()
+        self._rest_spans = RestSpans(credential=self._credential, server=self._server)
         self._rest_spans_config: Config | None = None  # the config its memo was built under
 
     def apply_config(self, config: Config, environ: Mapping[str, str] | None = None) -> None:
@@ -196,13 +196,13 @@ class Tracer:
             return
         config = self.state.snapshot.config
         if config is not self._rest_spans_config:  # a reload: credentials or hosts may differ
-            self._rest_spans, self._rest_spans_config = RestSpans(), config
+            self._rest_spans = RestSpans(credential=self._credential, server=self._server)
+            self._rest_spans_config = config
         exporter = self.exporter
         if not exporter.accepting():
             return
         try:
-            group = self._rest_spans.group(record, credential=self._credential, server=self._server)
-            encoded = exporter.encoder.rest_span(context, group, *span_times(record), request_values(record, group))
+            encoded = exporter.encoder.rest_span(context, self._rest_spans.group(record), record)
         except Exception:  # tracing must never break the relay
             log.exception("tracing: no span for request %s", record.request_id)
             return

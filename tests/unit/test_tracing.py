@@ -204,10 +204,11 @@ def test_rest_spans_share_what_alike_requests_have_in_common() -> None:
     def record(request_id: str, output_tokens: int) -> RequestRecord:
         return _rest_record(request_id, output_tokens)
 
-    builder, asked = RestSpans(), []
+    asked: list[str | None] = []
+    builder = RestSpans(credential=lambda route: asked.append(route) or "cred",  # type: ignore[func-returns-value]
+                        server=lambda r: ("us-east4-aiplatform.googleapis.com", 443))
     context = SpanContext(bytes.fromhex(TRACE), bytes.fromhex(SPAN), b"", "", {"tenant": "t", "gen_ai.request.model": "x"})
-    spans = [builder.span(record(f"r{n}", n), context, credential=lambda route: asked.append(route) or "cred",
-                          server=lambda r: ("us-east4-aiplatform.googleapis.com", 443)) for n in (5, 6)]
+    spans = [builder.span(record(f"r{n}", n), context) for n in (5, 6)]
     assert asked == ["gemini"] and spans[0].shared is spans[1].shared  # built once for the group
     encoder = SpanEncoder({})
     message = ExportTraceServiceRequest.FromString(encoder.request([encoder.span(s) for s in spans]))
@@ -229,7 +230,7 @@ def test_a_rest_span_encoded_directly_is_the_span_built_then_encoded(case: str) 
     """The tracer writes a REST request's span straight from its group and values
     (`SpanEncoder.rest_span`); the bytes are those of the `SpanData` that `RestSpans.span`
     builds, encoded by the general path, and decode to what the record says."""
-    from vertex_sidecar.trace_spans import RestSpans, SpanContext, request_values, span_times
+    from vertex_sidecar.trace_spans import RestSpans, SpanContext, span_times
 
     record = _rest_record("r-1", 7)
     context = SpanContext(bytes.fromhex(TRACE), bytes.fromhex(SPAN), b"", "", {})
@@ -245,11 +246,10 @@ def test_a_rest_span_encoded_directly_is_the_span_built_then_encoded(case: str) 
         record.extra["tokens"] = {"input_tokens": -1, "output_tokens": 2 ** 40, "cached_input_tokens": 200,
                                   "cache_write_tokens": 0, "total_tokens": 0}
         record.extra["cost_usd"] = 0.0
-    builder, encoder = RestSpans(), SpanEncoder({})
-    server = ("us-east4-aiplatform.googleapis.com", 443)
-    built = builder.span(record, context, credential=lambda _: "cred", server=lambda _: server)
-    group = builder.group(record, credential=lambda _: "cred", server=lambda _: server)
-    direct = encoder.rest_span(context, group, *span_times(record), request_values(record, group))
+    builder = RestSpans(credential=lambda _: "cred", server=lambda _: ("us-east4-aiplatform.googleapis.com", 443))
+    encoder = SpanEncoder({})
+    built = builder.span(record, context)
+    direct = encoder.rest_span(context, builder.group(record), record)
     assert direct == SpanEncoder({}).span(built)
     (span,) = ExportTraceServiceRequest.FromString(encoder.request([direct])).resource_spans[0].scope_spans[0].spans
     attributes = {kv.key: value_of(kv.value) for kv in span.attributes}
