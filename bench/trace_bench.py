@@ -109,8 +109,8 @@ def simultaneous(off: Any, off_url: str, on: Any, on_url: str, concurrency: int,
             ratios.append(round(on_run["rps"] / off_run["rps"], 3))
             cpu_ratios.append(round(on_cpu / off_cpu, 3))
             requests_on += on_run["requests"]
-    return {"throughput_ratio": statistics.median(ratios), "throughput_ratios": ratios,
-            "cpu_ratio": statistics.median(cpu_ratios), "cpu_ratios": cpu_ratios, "requests_on": requests_on}
+    return {"throughput_ratio": round(statistics.median(ratios), 3), "throughput_ratios": ratios,
+            "cpu_ratio": round(statistics.median(cpu_ratios), 3), "cpu_ratios": cpu_ratios, "requests_on": requests_on}
 
 
 def start_sidecar(tmp: Path, name: str, upstream_port: int, metadata: str, tracing: str,
@@ -261,6 +261,13 @@ def render(results: dict[str, Any]) -> str:
                      f"{row['throughput_ratio_vs_paused']:.3f} | {row['added_p50_ms_vs_paused']:+.3f} ms | "
                      f"{row['paused']['cpu_us_per_request']} µs | {row['on']['cpu_us_per_request']} µs | "
                      f"{row['cpu_ratio_vs_paused']:.3f} |")
+    lines += ["", "Simultaneous: both sidecars under load at once, sharing one core (median of the rounds, and their range):",
+              "", "| concurrency | on/off throughput | range | on/off CPU per request | range |", "|---|---|---|---|---|"]
+    for concurrency, row in results["unary"].items():
+        both = row["simultaneous"]
+        lines.append(f"| {concurrency} | {both['throughput_ratio']:.3f} | {min(both['throughput_ratios']):.3f}–"
+                     f"{max(both['throughput_ratios']):.3f} | {both['cpu_ratio']:.3f} | {min(both['cpu_ratios']):.3f}–"
+                     f"{max(both['cpu_ratios']):.3f} |")
     spans = results["spans"]
     lines.append(f"\nspans: {spans['received']:,} received for {spans['requests_traced']:,} traced requests, "
                  f"{spans['dropped']:.0f} dropped; RSS idle off {results['rss_idle_mb']['off']} MB, "
