@@ -272,8 +272,8 @@ def _rest_group(record: RequestRecord, credential: str | None, server: tuple[str
     if error is not None:
         attributes["error.type"] = error
     return RestGroup(name=_span_name(operation, record), stream=stream,
-                      status=STATUS_ERROR if error is not None else STATUS_UNSET, status_message=error or "",
-                      shared=SharedAttributes(attributes))
+                     status=STATUS_ERROR if error is not None else STATUS_UNSET, status_message=error or "",
+                     shared=SharedAttributes(attributes))
 
 
 def rest_span(record: RequestRecord, context: SpanContext, *, credential: str | None,
