@@ -191,9 +191,25 @@ def _request_attribute_heads(name: str, kind: type) -> tuple[bytes, ...]:
     return tuple(heads)
 
 
-_REQUEST_HEADS = tuple((kind, _request_attribute_heads(name, kind), _key_prefix(name))
-                       for name, kind in REQUEST_ATTRIBUTES)
+_REQUEST_HEADS = tuple(_request_attribute_heads(name, kind) for name, kind in REQUEST_ATTRIBUTES)
+# One table per attribute, by name, for `rest_span`'s unrolled writing (a loop over the
+# attributes, with its type dispatch, cost a quarter of the span's encoding).
+(_REQUEST_ID, _TIME_TO_FIRST_CHUNK, _INPUT_TOKENS, _OUTPUT_TOKENS, _CACHE_READ_TOKENS, _CACHE_CREATION_TOKENS,
+ _REASONING_TOKENS, _RESPONSE_MODEL, _COST) = _REQUEST_HEADS
+# The key prefixes of the two string attributes, for a value longer than their tables.
+_REQUEST_ID_KEY, _RESPONSE_MODEL_KEY = (_key_prefix(name) for name, kind in REQUEST_ATTRIBUTES if kind is str)
 _INT64 = (1 << 64) - 1  # a negative int64 is the varint of its two's complement
+
+
+def _append_int(parts: list[bytes], heads: tuple[bytes, ...], value: int) -> None:
+    encoded = _ONE_BYTE[value] if 0 <= value < 128 else _varint(value & _INT64)
+    parts += (heads[len(encoded)], encoded)
+
+
+def _append_string(parts: list[bytes], heads: tuple[bytes, ...], key_prefix: bytes, value: str) -> None:
+    encoded = value.encode()
+    size = len(encoded)
+    parts += (heads[size] if size < _STRING_HEADS else _value_head(key_prefix, str, size), encoded)
 _pack_double = struct.Struct("<d").pack
 _pack_fixed64 = struct.Struct("<Q").pack
 
@@ -291,19 +307,25 @@ class SpanEncoder:
             for item in context.baggage.items():
                 if item[0] not in shared.items:  # a caller's baggage never replaces one of ours
                     parts.append(self._fragment(item))
-        append = parts.append
-        for (kind, heads, prefix), value in zip(_REQUEST_HEADS, request_values(record, group)):
-            if value is None:
-                continue
-            if kind is int:
-                encoded = _ONE_BYTE[value] if 0 <= value < 128 else _varint(value & _INT64)  # type: ignore[operator]
-            elif kind is float:
-                encoded = _pack_double(value)
-            else:
-                encoded = value.encode()  # type: ignore[union-attr]
-            size = len(encoded)
-            append(heads[size] if size < len(heads) else _value_head(prefix, kind, size))
-            append(encoded)
+        (request_id, first_chunk, input_tokens, output_tokens, cache_read, cache_creation, reasoning,
+         response_model, cost) = request_values(record, group)
+        _append_string(parts, _REQUEST_ID, _REQUEST_ID_KEY, request_id)  # type: ignore[arg-type]
+        if first_chunk is not None:
+            parts += (_TIME_TO_FIRST_CHUNK[8], _pack_double(first_chunk))
+        if input_tokens is not None:
+            _append_int(parts, _INPUT_TOKENS, input_tokens)  # type: ignore[arg-type]
+        if output_tokens is not None:
+            _append_int(parts, _OUTPUT_TOKENS, output_tokens)  # type: ignore[arg-type]
+        if cache_read is not None:
+            _append_int(parts, _CACHE_READ_TOKENS, cache_read)  # type: ignore[arg-type]
+        if cache_creation is not None:
+            _append_int(parts, _CACHE_CREATION_TOKENS, cache_creation)  # type: ignore[arg-type]
+        if reasoning is not None:
+            _append_int(parts, _REASONING_TOKENS, reasoning)  # type: ignore[arg-type]
+        if response_model is not None:
+            _append_string(parts, _RESPONSE_MODEL, _RESPONSE_MODEL_KEY, response_model)  # type: ignore[arg-type]
+        if cost is not None:
+            parts += (_COST[8], _pack_double(cost))
         body = b"".join(parts)
         return _SCOPE_SPANS_SPAN + _varint(len(body)) + body
 
