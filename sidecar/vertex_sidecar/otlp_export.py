@@ -54,6 +54,7 @@ from .trace_spans import (
     AttributeValue,
     RestGroup,
     SpanContext,
+    SharedAttributes,
     SpanData,
     request_values,
     span_times,
@@ -127,41 +128,9 @@ _ANY_DOUBLE = _tag(AnyValue, "double_value", 1)  # fixed64
 _ANY_INT = _tag(AnyValue, "int_value", 0)  # varint
 
 
-def _scalar_value(value: AttributeValue) -> bytes | None:
-    """A `KeyValue.value` payload (a serialized AnyValue) for the common scalar kinds, written
-    directly (the per-message overhead of building an AnyValue would be most of a span's
-    encoding); None for the other kinds."""
-    cls = value.__class__
-    if cls is str:
-        encoded = value.encode()  # type: ignore[union-attr]
-        return _ANY_STRING + _varint(len(encoded)) + encoded
-    if cls is float:
-        return _ANY_DOUBLE + struct.pack("<d", value)
-    if cls is int and value >= 0:  # type: ignore[operator]
-        return _ANY_INT + _varint(value)  # type: ignore[arg-type]
-    return None
-
-
-def _attribute(key_prefix: bytes, payload: bytes) -> bytes:
-    """A `Span.attributes` field from its serialized key (with the value's tag) and value."""
-    inner = len(key_prefix) + len(_varint(len(payload))) + len(payload)
-    return b"".join((_SPAN_ATTRIBUTE, _varint(inner), key_prefix, _varint(len(payload)), payload))
-
-
 def _key_prefix(key: str) -> bytes:
     """A KeyValue's key field followed by its value field's tag."""
     return _field(_KEY_VALUE_KEY, key.encode()) + _KEY_VALUE_VALUE
-
-
-def _unique_attribute(key: str, value: AttributeValue, keys: dict[str, bytes]) -> bytes:
-    """A `Span.attributes` field for a value seen once (a request id, a cost)."""
-    payload = _scalar_value(value)
-    if payload is None:
-        return _field(_SPAN_ATTRIBUTE, KeyValue(key=key, value=any_value(value)).SerializeToString())
-    prefix = keys.get(key)
-    if prefix is None:
-        prefix = keys[key] = _key_prefix(key)
-    return _attribute(prefix, payload)
 
 
 def _value_head(prefix: bytes, kind: type, size: int) -> bytes:
@@ -175,6 +144,35 @@ def _value_head(prefix: bytes, kind: type, size: int) -> bytes:
     payload_length = len(tag) + size
     inner = len(prefix) + len(_varint(payload_length)) + payload_length
     return _SPAN_ATTRIBUTE + _varint(inner) + prefix + _varint(payload_length) + tag
+
+
+_INT64 = (1 << 64) - 1  # a negative int64 is the varint of its two's complement
+_pack_double = struct.Struct("<d").pack
+_pack_fixed64 = struct.Struct("<Q").pack
+
+
+def _int_bytes(value: int) -> bytes:
+    """An AnyValue.int_value's varint."""
+    return _ONE_BYTE[value] if 0 <= value < 128 else _varint(value & _INT64)
+
+
+def _unique_attribute(key: str, value: AttributeValue, keys: dict[str, bytes]) -> bytes:
+    """A `Span.attributes` field for a value seen once (a request id, a cost): the common
+    scalar kinds written directly (building a KeyValue message would cost most of a span's
+    encoding), anything else through the library."""
+    kind = value.__class__
+    if kind is str:
+        encoded = value.encode()  # type: ignore[union-attr]
+    elif kind is float:
+        encoded = _pack_double(value)
+    elif kind is int:
+        encoded = _int_bytes(value)  # type: ignore[arg-type]
+    else:
+        return _field(_SPAN_ATTRIBUTE, KeyValue(key=key, value=any_value(value)).SerializeToString())
+    prefix = keys.get(key)
+    if prefix is None:
+        prefix = keys[key] = _key_prefix(key)
+    return _value_head(prefix, kind, len(encoded)) + encoded
 
 
 _STRING_HEADS = 256  # strings up to this many bytes find their head in the table (request ids: 128 characters)
@@ -198,11 +196,10 @@ _REQUEST_HEADS = tuple(_request_attribute_heads(name, kind) for name, kind in RE
  _REASONING_TOKENS, _RESPONSE_MODEL, _COST) = _REQUEST_HEADS
 # The key prefixes of the two string attributes, for a value longer than their tables.
 _REQUEST_ID_KEY, _RESPONSE_MODEL_KEY = (_key_prefix(name) for name, kind in REQUEST_ATTRIBUTES if kind is str)
-_INT64 = (1 << 64) - 1  # a negative int64 is the varint of its two's complement
 
 
 def _append_int(parts: list[bytes], heads: tuple[bytes, ...], value: int) -> None:
-    encoded = _ONE_BYTE[value] if 0 <= value < 128 else _varint(value & _INT64)
+    encoded = _int_bytes(value)
     parts += (heads[len(encoded)], encoded)
 
 
@@ -210,14 +207,11 @@ def _append_string(parts: list[bytes], heads: tuple[bytes, ...], key_prefix: byt
     encoded = value.encode()
     size = len(encoded)
     parts += (heads[size] if size < _STRING_HEADS else _value_head(key_prefix, str, size), encoded)
-_pack_double = struct.Struct("<d").pack
-_pack_fixed64 = struct.Struct("<Q").pack
 
 
 # 16- and 8-byte ids: their length prefixes are single bytes.
 _FIXED_IDS = _SPAN_TRACE_ID + b"\x10"
 _SPAN_ID_8 = _SPAN_SPAN_ID + b"\x08"
-_PARENT_8 = _SPAN_PARENT + b"\x08"
 
 
 def _ids_and_times(trace_id: bytes, span_id: bytes, parent_span_id: bytes, trace_state: str,
@@ -271,11 +265,8 @@ class SpanEncoder:
         shared = span.shared
         if shared is None:
             parts.append(self._head(span.name, span.kind, span.status, span.status_message))
-        else:  # the group's name, kind, status and attributes: serialized once for all its spans
-            if shared.encoded is None:
-                shared.encoded = self._head(span.name, span.kind, span.status, span.status_message) + \
-                    b"".join(self._fragment(item) for item in shared.items.items())
-            parts.append(shared.encoded)
+        else:
+            parts.append(self._shared(shared, span.name, span.kind, span.status, span.status_message))
         if span.events:
             events = Span()
             for at, name, attrs in span.events:
@@ -291,18 +282,10 @@ class SpanEncoder:
         bytes as `span(RestSpans.span(...))` without building the `SpanData`: this runs once
         per request)."""
         start_ns, end_ns = span_times(record)
-        parts = [_FIXED_IDS, context.trace_id, _SPAN_ID_8, context.span_id, _SPAN_START, _pack_fixed64(start_ns),
-                 _SPAN_END, _pack_fixed64(end_ns)]
-        if context.parent_span_id:
-            parts.append(_PARENT_8)
-            parts.append(context.parent_span_id)
-        if context.trace_state:
-            parts.append(_field(_SPAN_TRACE_STATE, context.trace_state.encode()))
+        parts = _ids_and_times(context.trace_id, context.span_id, context.parent_span_id, context.trace_state,
+                               start_ns, end_ns)
         shared = group.shared
-        if shared.encoded is None:
-            shared.encoded = self._head(group.name, KIND_CLIENT, group.status, group.status_message) + \
-                b"".join(self._fragment(item) for item in shared.items.items())
-        parts.append(shared.encoded)
+        parts.append(self._shared(shared, group.name, KIND_CLIENT, group.status, group.status_message))
         if context.baggage:
             for item in context.baggage.items():
                 if item[0] not in shared.items:  # a caller's baggage never replaces one of ours
@@ -326,8 +309,14 @@ class SpanEncoder:
             _append_string(parts, _RESPONSE_MODEL, _RESPONSE_MODEL_KEY, response_model)  # type: ignore[arg-type]
         if cost is not None:
             parts += (_COST[8], _pack_double(cost))
-        body = b"".join(parts)
-        return _SCOPE_SPANS_SPAN + _varint(len(body)) + body
+        return _field(_SCOPE_SPANS_SPAN, b"".join(parts))
+
+    def _shared(self, shared: SharedAttributes, name: str, kind: int, status: int, status_message: str) -> bytes:
+        """A group's name, kind, status and attributes: serialized once for all its spans."""
+        if shared.encoded is None:
+            shared.encoded = self._head(name, kind, status, status_message) + \
+                b"".join(self._fragment(item) for item in shared.items.items())
+        return shared.encoded
 
     def _head(self, name: str, kind: int, status: int, status_message: str) -> bytes:
         """Name, kind and status, serialized by the library (cached: alike for many spans)."""
